@@ -1,0 +1,132 @@
+"""`atlantis <verb> [--config FILE] [key=value ...]`: thin wiring from typed configs to the library."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import textwrap
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from atlantis import config as config_lib
+from atlantis.log import get_logger, setup_logging
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Verb:
+    summary: str
+    config: Callable[[], type]
+    run: Callable[[object], object]
+    example: str
+
+
+def _score_cfg():
+    from atlantis.scoring import ScoreConfig
+
+    return ScoreConfig
+
+
+def _score(cfg):
+    from atlantis.scoring import score
+
+    return score(cfg)
+
+
+def _weights_cfg():
+    from atlantis.weights import WeightsConfig
+
+    return WeightsConfig
+
+
+def _weights(cfg):
+    from atlantis.weights import write
+
+    return write(cfg)
+
+
+def _select_cfg():
+    from atlantis.selection import SelectConfig
+
+    return SelectConfig
+
+
+def _select(cfg):
+    from atlantis.selection import write
+
+    return write(cfg)
+
+
+VERBS: dict[str, Verb] = {
+    "score": Verb(
+        "Score responses: log p(y|x) of every sample under one model, as Parquet keyed by id.",
+        _score_cfg,
+        _score,
+        "atlantis score model=models/small role=small data=data/sft.jsonl out=scores/small.parquet",
+    ),
+    "weights": Verb(
+        "ATLANTIS weights from score files (influence p_r/p_S, Algorithm 1, or Eq. 7) plus diagnostics.",
+        _weights_cfg,
+        _weights,
+        "atlantis weights scores=scores/small.parquet,scores/ref.parquet out=weights/influence.parquet",
+    ),
+    "select": Verb(
+        "IFD / Superfiltering selection from conditioned and direct scores.",
+        _select_cfg,
+        _select,
+        "atlantis select method=ifd rate=0.1 scores=scores/cond.parquet,scores/direct.parquet out=sel.parquet",
+    ),
+}
+
+
+def _epilog(verb: Verb) -> str:
+    rows = config_lib.describe(verb.config())
+    width = max(len(k) for k, _, _ in rows)
+    lines = ["settings (key=value, dotted for sections; a YAML --config supplies the same keys):"]
+    for key, default, help_text in rows:
+        wrapped = textwrap.wrap(f"{help_text} [default: {default}]", 100 - width - 4)
+        lines.append(f"  {key.ljust(width)}  {wrapped[0] if wrapped else ''}")
+        lines.extend(" " * (width + 4) + w for w in wrapped[1:])
+    lines += ["", f"example:\n  {verb.example}"]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="atlantis", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
+    sub = parser.add_subparsers(dest="verb", required=True)
+    for name, verb in VERBS.items():
+        p = sub.add_parser(
+            name,
+            help=verb.summary,
+            description=verb.summary,
+            epilog=_epilog(verb),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.add_argument("--config", help="YAML file with the settings below.")
+        p.add_argument("--section", help="Read the settings from this top-level key of the YAML file.")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="Settings overriding the YAML.")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+    verb = VERBS[args.verb]
+    try:
+        cfg = config_lib.load(verb.config(), args.config, args.overrides, section=args.section)
+    except (config_lib.ConfigError, ValueError) as err:
+        log.error("bad settings for `atlantis %s`: %s", args.verb, err)
+        return 2
+    try:
+        verb.run(cfg)
+    except (ValueError, RuntimeError, OSError) as err:  # our errors subclass these; the message says it all
+        log.error("%s: %s", type(err).__name__, err)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
