@@ -171,9 +171,7 @@ def iter_raw(cfg: DataConfig) -> Iterator[tuple[str, Any]]:
 
         yield from _iter_rows(pq.read_table(path).to_pylist(), str(path))
     else:
-        raise DataError(
-            f"{path}: unknown file type {suffix!r}; use .jsonl, .json, .parquet or a datasets folder"
-        )
+        raise DataError(f"{path}: unknown file type {suffix!r}; use .jsonl, .json, .parquet or a datasets folder")
 
 
 # ------------------------------------------------------------------------------------------ normalising
@@ -224,8 +222,7 @@ def _turns(rec: dict[str, Any], fmt: str, where: str) -> list[Turn]:
                 raise DataError(f"{where}: field 'messages[{j}]' needs 'role' and 'content'")
             if msg["role"] not in ("system", "user", "assistant"):
                 raise DataError(
-                    f"{where}: field 'messages[{j}].role' is {msg['role']!r}; "
-                    "expected system, user or assistant"
+                    f"{where}: field 'messages[{j}].role' is {msg['role']!r}; expected system, user or assistant"
                 )
             turns.append(Turn(msg["role"], _text(msg["content"], where, f"messages[{j}].content")))
         return turns

@@ -27,9 +27,6 @@ def setup_logging(level: int = logging.INFO) -> None:
         return
     handler = logging.StreamHandler()
     prefix = f"[rank {rank()}] " if world_size() > 1 else ""
-    handler.setFormatter(
-        logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s", "%H:%M:%S")
-    )
+    handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     logger.addHandler(handler)
     logger.setLevel(level if rank() == 0 else logging.WARNING)
-    logger.propagate = False

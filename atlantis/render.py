@@ -179,9 +179,7 @@ class Renderer:
             return self._locate(sample, _merge_system(turns))
 
     def _locate(self, sample: Sample, turns: list[Turn]) -> tuple[str, list[tuple[int, int]]]:
-        marks = {
-            i: f"\u27e6ATLANTIS-RESPONSE-{i}\u27e7" for i, t in enumerate(turns) if t.role == "assistant"
-        }
+        marks = {i: f"\u27e6ATLANTIS-RESPONSE-{i}\u27e7" for i, t in enumerate(turns) if t.role == "assistant"}
         skeleton = self._apply([Turn(t.role, marks.get(i, t.content)) for i, t in enumerate(turns)])
         real = self._apply(turns)
         # Templates such as Llama-2's and Gemma's strip the content; try the content as is, then stripped.
@@ -232,9 +230,7 @@ class Renderer:
             for add_special, idx in groups.items():
                 if not idx:
                     continue
-                enc = self.tok(
-                    [texts[i] for i in idx], add_special_tokens=add_special, return_offsets_mapping=True
-                )
+                enc = self.tok([texts[i] for i in idx], add_special_tokens=add_special, return_offsets_mapping=True)
                 for k, i in enumerate(idx):
                     encoded[i] = (enc["input_ids"][k], enc["offset_mapping"][k])
             for i, sample in enumerate(chunk):

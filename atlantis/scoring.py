@@ -38,7 +38,7 @@ from atlantis import config as config_lib
 from atlantis.config import field
 from atlantis.data import DataConfig, LoadReport, load_samples
 from atlantis.log import get_logger, rank, world_size
-from atlantis.models import load_model, load_tokenizer, pick_device, pick_dtype
+from atlantis.models import check_model_source, load_model, load_tokenizer, pick_device, pick_dtype
 from atlantis.render import RenderConfig, Rendered, Renderer
 
 log = get_logger(__name__)
@@ -64,9 +64,7 @@ class ScoreConfig:
     device: str = field("auto", help="`auto` (cuda:LOCAL_RANK if available, else cpu) or a torch device.")
     shard_size: int = field(512, help="Samples per resumable shard.")
     trust_remote_code: bool = field(False, help="Allow a model folder's own Python code to run.")
-    verify: bool = field(
-        True, help="Check the first batch against the model's full-logits forward on one sample."
-    )
+    verify: bool = field(True, help="Check the first batch against the model's full-logits forward on one sample.")
     overwrite: bool = field(False, help="Replace an existing output file (never done silently).")
     keep_shards: bool = field(False, help="Keep the shard folder after merging.")
 
@@ -132,9 +130,7 @@ def response_logprobs(
     for s in range(0, targets.shape[0], head_chunk):
         logits = _finalize_logits(model.config, head(h[s : s + head_chunk]).float())
         tgt = targets[s : s + head_chunk, None]
-        token_lp[s : s + head_chunk] = (
-            logits.gather(1, tgt) - torch.logsumexp(logits, dim=-1, keepdim=True)
-        )[:, 0]
+        token_lp[s : s + head_chunk] = (logits.gather(1, tgt) - torch.logsumexp(logits, dim=-1, keepdim=True))[:, 0]
     sums = torch.zeros(input_ids.shape[0], dtype=torch.float64, device=h.device)
     sums.index_add_(0, rows, token_lp.double())
     return sums, labels_mask[:, 1:].sum(dim=1)
@@ -288,6 +284,7 @@ def score(cfg: ScoreConfig) -> Path | None:
     out = Path(cfg.out)
     if out.exists() and not cfg.overwrite:
         raise ScoringError(f"{out} exists; scores are never overwritten silently (pass overwrite=true)")
+    check_model_source(cfg.model, cfg.trust_remote_code)  # before any data work
     load_report = LoadReport()
     samples = load_samples(cfg.data, load_report)
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
@@ -320,9 +317,7 @@ def score(cfg: ScoreConfig) -> Path | None:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         scorer = _Scorer(cfg, pad_id if pad_id is not None else 0)
         total = sum(len(shards[i]) for i in mine)
-        with tqdm(
-            total=total, desc=f"score {cfg.role}", unit="sample", disable=rank() != 0, dynamic_ncols=True
-        ) as bar:
+        with tqdm(total=total, desc=f"score {cfg.role}", unit="sample", disable=rank() != 0, dynamic_ncols=True) as bar:
             for i in mine:
                 _atomic_write_table(scorer.score_shard(shards[i], bar), shard_path[i])
     elapsed = time.perf_counter() - started

@@ -49,9 +49,7 @@ class SelectConfig:
         "auto", help="IFD as a loss ratio (Cherry_LLM paper) or perplexity ratio (Superfiltering code)."
     )
     threshold: float = field(1.0, help="Drop samples with IFD >= threshold (1.0 in both originals).")
-    n_total: int | None = field(
-        None, help="Dataset size N for rate x N (default: the number of scored samples)."
-    )
+    n_total: int | None = field(None, help="Dataset size N for rate x N (default: the number of scored samples).")
 
     def __post_init__(self) -> None:
         if not 0 < self.rate <= 1:
@@ -78,9 +76,7 @@ def select_top(ids: np.ndarray, ifd: np.ndarray, rate: float, n_total: int, thre
     valid = np.flatnonzero(np.isfinite(ifd) & (ifd < threshold))
     order = sorted(valid, key=lambda i: (-ifd[i], ids[i]))
     if len(order) < k:
-        log.warning(
-            "only %d samples have IFD < %s; keeping all of them (asked for %d)", len(order), threshold, k
-        )
+        log.warning("only %d samples have IFD < %s; keeping all of them (asked for %d)", len(order), threshold, k)
     return np.asarray(order[:k], dtype=np.int64)
 
 
@@ -89,9 +85,7 @@ def select(cfg: SelectConfig) -> tuple[pd.DataFrame, dict]:
     cols = {r: f"logp_mean_{r}" for r in (cfg.conditioned, cfg.direct)}
     for role, col in cols.items():
         if col not in scores.columns:
-            raise SelectionError(
-                f"selection needs column {col!r} (role {role}); have {sorted(scores.columns)}"
-            )
+            raise SelectionError(f"selection needs column {col!r} (role {role}); have {sorted(scores.columns)}")
     loss_c = -scores[cols[cfg.conditioned]].to_numpy()
     loss_d = -scores[cols[cfg.direct]].to_numpy()
     ratio = cfg.ratio if cfg.ratio != "auto" else ("loss" if cfg.method == "ifd" else "ppl")
@@ -118,8 +112,7 @@ def select(cfg: SelectConfig) -> tuple[pd.DataFrame, dict]:
         "n_below_threshold": int(np.sum(ifd < cfg.threshold)),
         "n_selected": len(keep),
         "ifd_quantiles": {
-            str(q): float(v)
-            for q, v in zip((0, 0.25, 0.5, 0.75, 1), np.quantile(ifd, (0, 0.25, 0.5, 0.75, 1)))
+            str(q): float(v) for q, v in zip((0, 0.25, 0.5, 0.75, 1), np.quantile(ifd, (0, 0.25, 0.5, 0.75, 1)))
         },
     }
     return table, summary
@@ -130,9 +123,7 @@ def write(cfg: SelectConfig) -> Path:
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pandas(table, preserve_index=False), out)
-    out.with_name(out.name.removesuffix(".parquet") + ".summary.json").write_text(
-        json.dumps(summary, indent=1)
-    )
+    out.with_name(out.name.removesuffix(".parquet") + ".summary.json").write_text(json.dumps(summary, indent=1))
     log.info(
         "selected %d of %d samples (%s, rate %.2f) -> %s",
         summary["n_selected"],

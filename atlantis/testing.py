@@ -7,14 +7,49 @@ path that real models use:
 - ``llama``: LlamaForCausalLM, byte-level BPE that prepends ``<s>``; the base model has no chat template
   (so it gets the named ``plain`` template), the instruct sibling has a Llama-2 style ``[INST]`` template
   that strips the content, as Llama-2-chat's does;
-- ``qwen2``: Qwen2ForCausalLM, a different BPE without BOS; the instruct sibling has a ChatML template.
+- ``qwen2``: Qwen2ForCausalLM, a different BPE without BOS; the instruct sibling has a ChatML template;
+- ``gemma2``: Gemma2ForCausalLM on the llama tokenizer, for its final-logit soft-capping and sliding window.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 from pathlib import Path
 
 import torch
+
+# One record of every accepted format, multi-turn and Unicode included.
+SAMPLES = [
+    {
+        "id": "sg-1",
+        "conversations": [
+            {"from": "system", "value": "You are a helpful assistant."},
+            {"from": "human", "value": "What is two plus two?"},
+            {"from": "gpt", "value": "Two plus two is four."},
+        ],
+    },
+    {
+        "id": "sg-multi",
+        "conversations": [
+            {"from": "human", "value": "Write a haiku about the sea."},
+            {"from": "gpt", "value": "Waves fold into foam,\nsalt wind hums."},
+            {"from": "human", "value": "Now one about a fox."},
+            {"from": "gpt", "value": " The quick brown fox jumps over the lazy dog. "},
+        ],
+    },
+    {
+        "id": "msg-1",
+        "messages": [
+            {"role": "user", "content": "Translate 'bonjour' to English."},
+            {"role": "assistant", "content": "hello"},
+        ],
+    },
+    {"instruction": "Add two numbers in Python.", "input": "", "output": "def add(a, b):\n    return a + b"},
+    {"instruction": "Translate", "input": "café, naïve, 東京", "output": "Unicode: café, naïve, Tokyo."},
+    {"prompt": "Zorbs are", "completion": " blue; florps are green; 12 + 30 = 42."},
+]
+
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -73,10 +108,17 @@ def build_tiny_model(
     num_layers: int = 2,
 ) -> Path:
     """Build, save and return a tiny causal LM folder (random weights, deterministic for a seed)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     folder = Path(folder)
-    tok = _tokenizer(kind)
+    tok = _tokenizer("qwen2" if kind == "qwen2" else "llama")
     if instruct:
         tok.chat_template = LLAMA2_TEMPLATE if kind == "llama" else CHATML_TEMPLATE
     common = dict(
@@ -93,6 +135,16 @@ def build_tiny_model(
     torch.manual_seed(seed)
     if kind == "llama":
         model = LlamaForCausalLM(LlamaConfig(bos_token_id=tok.bos_token_id, **common))
+    elif kind == "gemma2":
+        model = Gemma2ForCausalLM(
+            Gemma2Config(
+                bos_token_id=tok.bos_token_id,
+                head_dim=hidden_size // 4,
+                final_logit_softcapping=3.0,
+                sliding_window=8,
+                **common,
+            )
+        )
     elif kind == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(tie_word_embeddings=True, **common))
     else:
@@ -100,3 +152,20 @@ def build_tiny_model(
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def build_demo(root: str | Path) -> Path:
+    """The README's example world: four tiny models (two families, base + instruct) and a small SFT file."""
+    root = Path(root)
+    for kind in ("llama", "qwen2"):
+        build_tiny_model(root / "models" / kind, kind, instruct=False, seed=1)
+        build_tiny_model(root / "models" / f"{kind}-it", kind, instruct=True, seed=2)
+    (root / "data").mkdir(parents=True, exist_ok=True)
+    (root / "data" / "sft.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in SAMPLES))
+    return root
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Build the tiny demo models and data used by the README.")
+    parser.add_argument("root", help="Folder to write models/ and data/ into.")
+    build_demo(parser.parse_args().root)

@@ -274,8 +274,7 @@ def read_weights(path: str | Path) -> pd.DataFrame:
     bad = ~np.isfinite(df["weight"].to_numpy()) | (df["weight"].to_numpy() < 0)
     if bad.any():
         raise WeightsError(
-            f"{path}: {int(bad.sum())} non-finite or negative weight(s), e.g. ids "
-            f"{df['id'][bad].head(3).tolist()}"
+            f"{path}: {int(bad.sum())} non-finite or negative weight(s), e.g. ids {df['id'][bad].head(3).tolist()}"
         )
     return df
 

@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny models of two families built in-process (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from atlantis.testing import SAMPLES, build_tiny_model  # noqa: E402,F401
+
+
+def write_jsonl(path: Path, records) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("models")
+    out = {}
+    for kind in ("llama", "qwen2"):
+        out[kind] = str(build_tiny_model(root / kind, kind, instruct=False, seed=1))
+        out[f"{kind}-it"] = str(build_tiny_model(root / f"{kind}-it", kind, instruct=True, seed=2))
+    return out
+
+
+@pytest.fixture()
+def data_file(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "data.jsonl", SAMPLES)

@@ -1,0 +1,66 @@
+"""The README's commands, run as a user would: build the demo, score, weight, select."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from atlantis.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("verb", ["score", "weights", "select"])
+def test_help(verb, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([verb, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "settings (key=value" in out and "example:" in out
+
+
+def readme_commands() -> list[str]:
+    """The shell lines of the README's 'Example' block."""
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- example:start -->\s*```bash\n(.*?)```\s*<!-- example:end -->", text, re.S).group(1)
+    return [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
+
+
+@pytest.mark.slow
+def test_readme_example_runs(tmp_path):
+    for line in readme_commands():
+        proc = subprocess.run(
+            line,
+            shell=True,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={
+                "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin",
+                "HF_HUB_OFFLINE": "1",
+                "HOME": str(tmp_path),
+            },
+        )
+        assert proc.returncode == 0, (line, proc.stderr[-2000:])
+    weights = pd.read_parquet(tmp_path / "demo/weights/influence.parquet")
+    assert len(weights) == 6 and abs(weights["weight"].mean() - 1) < 1e-9
+    diag = json.loads((tmp_path / "demo/weights/influence.diagnostics.json").read_text())
+    assert 0 < diag["ess_over_n"] <= 1
+    assert len(pd.read_parquet(tmp_path / "demo/selection/ifd-0.50.parquet")) <= 3
+
+
+def test_bad_settings_exit_2_with_a_message(caplog):
+    assert main(["score", "model=m", "role=small", "out=o.parquet", "data=d.jsonl", "bogus=1"]) == 2
+    assert "unknown config key" in caplog.text
+
+
+def test_runtime_errors_exit_1_with_a_message(tmp_path, caplog):
+    code = main(
+        ["score", f"model={tmp_path}/none", "role=small", f"out={tmp_path}/o.parquet", f"data={tmp_path}/d.jsonl"]
+    )
+    assert code == 1 and "ModelError" in caplog.text and "no such folder" in caplog.text
