@@ -124,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         verb.run(cfg)
     except (ValueError, RuntimeError, OSError) as err:  # our errors subclass these; the message says it all
         log.error("%s: %s", type(err).__name__, err)
+        if args.verbose:
+            raise
         return 1
     return 0
 

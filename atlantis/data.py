@@ -287,10 +287,8 @@ def load_samples(cfg: DataConfig, report: LoadReport | None = None) -> list[Samp
         report.n_records += 1
         try:
             sample = normalise(rec, where, cfg)
-        except DataError as err:
-            # Malformed JSON and unknown formats always stop: they mean the wrong file or format.
-            fatal = "unknown record format" in str(err) or "must be" in str(err)
-            if cfg.on_invalid == "error" or fatal:
+        except DataError as err:  # malformed JSON is raised by the reader and always stops
+            if cfg.on_invalid == "error":
                 raise
             report.excluded.append({"source": where, "reason": str(err)})
             continue

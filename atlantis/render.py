@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from jinja2 import TemplateError
+
 from atlantis.config import field
 from atlantis.data import DataError, Sample, Turn
 from atlantis.log import get_logger
@@ -166,8 +168,8 @@ class Renderer:
             turns = _merge_system(turns)
         try:
             return self._locate(sample, turns)
-        except Exception as err:  # jinja raises its own TemplateError (e.g. "System role not supported")
-            if isinstance(err, DataError) or not any(t.role == "system" for t in turns):
+        except TemplateError as err:  # e.g. Gemma-2's "System role not supported"
+            if not any(t.role == "system" for t in turns):
                 raise DataError(f"{sample.source or sample.id}: chat template failed: {err}") from err
             if not self._warned_system:
                 log.warning(
@@ -182,8 +184,8 @@ class Renderer:
         marks = {i: f"\u27e6ATLANTIS-RESPONSE-{i}\u27e7" for i, t in enumerate(turns) if t.role == "assistant"}
         skeleton = self._apply([Turn(t.role, marks.get(i, t.content)) for i, t in enumerate(turns)])
         real = self._apply(turns)
-        # Templates such as Llama-2's and Gemma's strip the content; try the content as is, then stripped.
-        for strip in (False, True):
+        # Templates such as Llama-2's and Gemma's strip the content: try it as is, then stripped.
+        for strip in (None, "both", "right", "left"):
             text, spans, cursor = [], [], 0
             for i, mark in marks.items():
                 at = skeleton.find(mark, cursor)
@@ -192,7 +194,10 @@ class Renderer:
                         f"{sample.source or sample.id}: the chat template dropped or repeated "
                         f"assistant turn {i}; cannot locate the response"
                     )
-                content = turns[i].content.strip() if strip else turns[i].content
+                content = turns[i].content
+                content = {None: content, "both": content.strip(), "right": content.rstrip(), "left": content.lstrip()}[
+                    strip
+                ]
                 text.append(skeleton[cursor:at])
                 start = sum(map(len, text))
                 text.append(content)
@@ -238,24 +243,20 @@ class Renderer:
                 mask = [e > s and any(s < b1 and e > a1 for a1, b1 in spans[i]) for s, e in offsets]
                 mask[0] = False  # the first token has no context to be predicted from
                 n_full = sum(mask)
-                if n_full == 0:
-                    raise DataError(f"{sample.source or sample.id}: response covers no token after rendering")
                 ids, mask = ids[: self.cfg.max_length], mask[: self.cfg.max_length]
                 n_kept = sum(mask)
-                if n_kept == 0:
-                    excluded.append(
-                        {
-                            "id": sample.id,
-                            "source": sample.source,
-                            "reason": f"response fully truncated ({len(encoded[i][0])} tokens, "
-                            f"max_length {self.cfg.max_length})",
-                        }
-                    )
+                reason = None
+                if n_full == 0:  # e.g. a one-token response scored without context and without BOS
+                    reason = "no response token can be scored (the response is the sequence's first token)"
+                elif n_kept == 0:
+                    reason = f"response fully truncated ({len(encoded[i][0])} tokens, max_length {self.cfg.max_length})"
+                if reason:
+                    excluded.append({"id": sample.id, "source": sample.source, "reason": reason})
                     continue
                 out.append(Rendered(sample.id, list(ids), mask, n_full, n_kept < n_full))
         if excluded:
             log.warning(
-                "excluded %d sample(s) whose response was fully truncated at max_length=%d",
+                "excluded %d sample(s) with no scorable response token (truncated at max_length=%d?)",
                 len(excluded),
                 self.cfg.max_length,
             )

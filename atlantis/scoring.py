@@ -44,6 +44,9 @@ from atlantis.render import RenderConfig, Rendered, Renderer
 log = get_logger(__name__)
 
 
+LOGITS_BUDGET = 64 * 2**20  # bytes of fp32 logits per LM-head chunk when head_chunk is not set
+
+
 class ScoringError(RuntimeError):
     """Scoring cannot go on (non-finite values, a changed config over existing shards, ...)."""
 
@@ -57,7 +60,9 @@ class ScoreConfig:
     render: RenderConfig = field(default_factory=RenderConfig, help="How samples are rendered.")
     max_tokens_per_batch: int = field(16384, help="Padded tokens per forward pass (batch x longest).")
     max_batch_size: int = field(64, help="At most this many samples per forward pass.")
-    head_chunk: int = field(2048, help="Response positions per LM-head chunk (bounds the logits memory).")
+    head_chunk: int | None = field(
+        None, help="Response positions per LM-head chunk; default: as many as fit 64 MiB of fp32 logits."
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
         "auto", help="`auto`: float32 on CPU, bfloat16 on GPU."
     )
@@ -74,7 +79,7 @@ class ScoreConfig:
         if not self.out.endswith(".parquet"):
             raise ValueError(f"out must be a .parquet file, got {self.out!r}")
         for name in ("max_tokens_per_batch", "max_batch_size", "head_chunk", "shard_size"):
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
 
 
@@ -111,7 +116,7 @@ def response_logprobs(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     labels_mask: torch.Tensor,
-    head_chunk: int = 2048,
+    head_chunk: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (sum of response-token log-probs [float64], number of response tokens).
 
@@ -120,17 +125,26 @@ def response_logprobs(
     O(head_chunk x vocab) instead of O(batch x seq x vocab).
     """
     base = getattr(model, model.base_model_prefix)
-    hidden = base(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    # Rows are right-padded, so under causal attention a real token never sees a pad token (pads lie in its
+    # future). The padding mask is therefore redundant for every position we read, and leaving it out keeps
+    # SDPA on its fused causal kernel instead of materialising a [batch, heads, seq, seq] mask.
+    right_padded = bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+    hidden = base(input_ids=input_ids, attention_mask=None if right_padded else attention_mask).last_hidden_state
     predict = labels_mask[:, 1:].bool()
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(predict)[predict]
     h = hidden[:, :-1][predict]
     targets = input_ids[:, 1:][predict]
     head = model.get_output_embeddings()
+    if head_chunk is None:  # rows per chunk so that one chunk of fp32 logits stays near LOGITS_BUDGET bytes
+        head_chunk = max(16, LOGITS_BUDGET // (4 * head.weight.shape[0]))
     token_lp = torch.empty(targets.shape[0], dtype=torch.float32, device=h.device)
     for s in range(0, targets.shape[0], head_chunk):
         logits = _finalize_logits(model.config, head(h[s : s + head_chunk]).float())
-        tgt = targets[s : s + head_chunk, None]
-        token_lp[s : s + head_chunk] = (logits.gather(1, tgt) - torch.logsumexp(logits, dim=-1, keepdim=True))[:, 0]
+        picked = logits.gather(1, targets[s : s + head_chunk, None])[:, 0]
+        top = logits.max(dim=-1).values
+        # log-sum-exp in place: no second [chunk, vocab] temporary
+        lse = logits.sub_(top[:, None]).exp_().sum(dim=-1).log_() + top
+        token_lp[s : s + head_chunk] = picked - lse
     sums = torch.zeros(input_ids.shape[0], dtype=torch.float64, device=h.device)
     sums.index_add_(0, rows, token_lp.double())
     return sums, labels_mask[:, 1:].sum(dim=1)
@@ -354,6 +368,8 @@ def _take_merge_lock(parts: Path) -> bool:
     try:
         os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         return True
+    except FileNotFoundError:  # another rank merged and removed the shard folder already
+        return False
     except FileExistsError:
         if world_size() == 1:
             log.warning("%s: taking over a merge left unfinished by an earlier run", lock)

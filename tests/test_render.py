@@ -120,3 +120,14 @@ def test_truncation_partial_flagged_full_excluded(models, data_file):
     assert gone == {r.id for r in full if r.labels_mask.index(True) >= cut}
     assert gone and all("fully truncated" in e["reason"] for e in excluded)
     assert gone.isdisjoint(got)
+
+
+def test_unscorable_response_is_excluded_not_scored(models):
+    """Direct scoring without BOS cannot predict the first token: a one-token response has nothing to score."""
+    renderer = Renderer(load_tokenizer(models["qwen2"]), RenderConfig(context="response_only"))
+    one = Sample("one", (Turn("user", "Pick a letter."), Turn("assistant", "a")))
+    two = Sample("two", (Turn("user", "Pick a word."), Turn("assistant", "fox dog")))
+    rendered, excluded = renderer.render([one, two])
+    assert [r.id for r in rendered] == ["two"]
+    assert excluded == [{"id": "one", "source": "", "reason": excluded[0]["reason"]}]
+    assert "no response token can be scored" in excluded[0]["reason"]
