@@ -59,6 +59,30 @@ def _select(cfg):
     return write(cfg)
 
 
+def _train_cfg():
+    from atlantis.train import TrainConfig
+
+    return TrainConfig
+
+
+def _train(cfg):
+    from atlantis.train import train
+
+    return train(cfg)
+
+
+def _generate_cfg():
+    from atlantis.generate import GenerateConfig
+
+    return GenerateConfig
+
+
+def _generate(cfg):
+    from atlantis.generate import generate
+
+    return generate(cfg)
+
+
 VERBS: dict[str, Verb] = {
     "score": Verb(
         "Score responses: log p(y|x) of every sample under one model, as Parquet keyed by id.",
@@ -72,11 +96,23 @@ VERBS: dict[str, Verb] = {
         _weights,
         "atlantis weights scores=scores/small.parquet,scores/ref.parquet out=weights/influence.parquet",
     ),
+    "train": Verb(
+        "Fine-tune a base model with plain SFT or ATLANTIS weights (HF Trainer; DeepSpeed, torchrun, accelerate).",
+        _train_cfg,
+        _train,
+        "atlantis train model=models/large data=data/sft.jsonl method=atlantis weights=w.parquet out=runs/atl",
+    ),
     "select": Verb(
         "IFD / Superfiltering selection from conditioned and direct scores.",
         _select_cfg,
         _select,
         "atlantis select method=ifd rate=0.1 scores=scores/cond.parquet,scores/direct.parquet out=sel.parquet",
+    ),
+    "generate": Verb(
+        "Answer questions (MT-Bench turns or single prompts) with a model or a proxy-tuned triple; FastChat JSONL.",
+        _generate_cfg,
+        _generate,
+        "atlantis generate model=runs/atl/final questions=question.jsonl out=answers/atl.jsonl",
     ),
 }
 
@@ -96,6 +132,8 @@ def _epilog(verb: Verb) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="atlantis", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
+    # The `deepspeed` launcher passes --local_rank=N before the verb; LOCAL_RANK in the environment is used.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="verb", required=True)
     for name, verb in VERBS.items():
         p = sub.add_parser(

@@ -107,7 +107,20 @@ def build(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
     unknown = sorted(set(values) - names)
     if unknown:
         raise ConfigError(f"unknown config key(s) {[prefix + k for k in unknown]}; known: {sorted(names)}")
-    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in values.items()}
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        value = values[f.name]
+        # A section given partly (`render.max_length=4096`) keeps the field's own defaults for the rest, not
+        # the section class's: TrainConfig's render default trains the end-of-turn token, RenderConfig's not.
+        if (
+            _is_dataclass_type(hints[f.name])
+            and isinstance(value, dict)
+            and f.default_factory is not dataclasses.MISSING
+        ):
+            value = {**dataclasses.asdict(f.default_factory()), **value}
+        kwargs[f.name] = _coerce(value, hints[f.name], prefix + f.name)
     try:
         return cls(**kwargs)
     except TypeError as err:  # a required field is missing

@@ -78,3 +78,29 @@ def load_model(spec: str, dtype: torch.dtype, device: torch.device, trust_remote
     model.to(device).eval()
     model.config.use_cache = False
     return model
+
+
+def finalize_logits(config, logits: torch.Tensor) -> torch.Tensor:
+    """Logit post-processing some architectures apply after the LM head (kept identical to their forward)."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(cfg, "logit_scale", None):  # Cohere
+        logits = logits * cfg.logit_scale
+    if getattr(cfg, "logits_scaling", None):  # Granite
+        logits = logits / cfg.logits_scaling
+    if getattr(cfg, "final_logit_softcapping", None):  # Gemma-2/3
+        cap = cfg.final_logit_softcapping
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def max_positions(spec: str, trust_remote_code: bool = False) -> int | None:
+    """The longest sequence the model takes (GPT-2: 1024), from its config; None when it does not say."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(spec, trust_remote_code=trust_remote_code)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

@@ -18,6 +18,7 @@ turned into 0 by a bare `except`):
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -38,7 +39,15 @@ from atlantis import config as config_lib
 from atlantis.config import field
 from atlantis.data import DataConfig, LoadReport, load_samples
 from atlantis.log import get_logger, rank, world_size
-from atlantis.models import check_model_source, load_model, load_tokenizer, pick_device, pick_dtype
+from atlantis.models import (
+    check_model_source,
+    finalize_logits,
+    load_model,
+    load_tokenizer,
+    max_positions,
+    pick_device,
+    pick_dtype,
+)
 from atlantis.render import RenderConfig, Rendered, Renderer
 
 log = get_logger(__name__)
@@ -97,19 +106,6 @@ def columns(role: str) -> dict[str, str]:
 # ----------------------------------------------------------------------------------------- the math
 
 
-def _finalize_logits(config, logits: torch.Tensor) -> torch.Tensor:
-    """Logit post-processing some architectures apply after the LM head (kept identical to their forward)."""
-    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if getattr(cfg, "logit_scale", None):  # Cohere
-        logits = logits * cfg.logit_scale
-    if getattr(cfg, "logits_scaling", None):  # Granite
-        logits = logits / cfg.logits_scaling
-    if getattr(cfg, "final_logit_softcapping", None):  # Gemma-2/3
-        cap = cfg.final_logit_softcapping
-        logits = torch.tanh(logits / cap) * cap
-    return logits
-
-
 @torch.no_grad()
 def response_logprobs(
     model,
@@ -139,7 +135,7 @@ def response_logprobs(
         head_chunk = max(16, LOGITS_BUDGET // (4 * head.weight.shape[0]))
     token_lp = torch.empty(targets.shape[0], dtype=torch.float32, device=h.device)
     for s in range(0, targets.shape[0], head_chunk):
-        logits = _finalize_logits(model.config, head(h[s : s + head_chunk]).float())
+        logits = finalize_logits(model.config, head(h[s : s + head_chunk]).float())
         picked = logits.gather(1, targets[s : s + head_chunk, None])[:, 0]
         top = logits.max(dim=-1).values
         # log-sum-exp in place: no second [chunk, vocab] temporary
@@ -194,8 +190,20 @@ def _fingerprint(cfg: ScoreConfig, rendered: Sequence[Rendered], template: str) 
     settings = {
         k: v
         for k, v in config_lib.to_dict(cfg).items()
-        if k not in ("out", "overwrite", "keep_shards", "verify", "device")
+        # batch shapes do not change any score beyond float noise: a run may resume with smaller batches
+        if k
+        not in (
+            "out",
+            "overwrite",
+            "keep_shards",
+            "verify",
+            "device",
+            "max_tokens_per_batch",
+            "max_batch_size",
+            "head_chunk",
+        )
     }
+    settings["dtype"] = str(pick_dtype(cfg.dtype, pick_device(cfg.device)))  # the one actually used
     settings["data"] = {k: v for k, v in settings["data"].items() if k != "path"}
     h.update(json.dumps(settings, sort_keys=True).encode())
     h.update(template.encode())
@@ -302,6 +310,15 @@ def score(cfg: ScoreConfig) -> Path | None:
     load_report = LoadReport()
     samples = load_samples(cfg.data, load_report)
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    limit = max_positions(cfg.model, cfg.trust_remote_code)
+    if limit is not None and cfg.render.max_length > limit:
+        log.warning(
+            "render.max_length=%d exceeds the model's %d positions: truncating at %d",
+            cfg.render.max_length,
+            limit,
+            limit,
+        )
+        cfg.render = dataclasses.replace(cfg.render, max_length=limit)
     renderer = Renderer(tokenizer, cfg.render)
     rendered, truncated_away = renderer.render(samples)
     order = sorted(rendered, key=lambda r: (len(r), r.id))
@@ -336,9 +353,21 @@ def score(cfg: ScoreConfig) -> Path | None:
                 _atomic_write_table(scorer.score_shard(shards[i], bar), shard_path[i])
     elapsed = time.perf_counter() - started
 
-    if not all(p.exists() for p in shard_path) or not _take_merge_lock(parts):
-        log.info("rank %d done; another rank merges the shards", rank())
+    if _launched_with_process_group():
+        # torchrun / accelerate / deepspeed: wait for every rank, rank 0 merges, the others wait for it.
+        group_created = _barrier()
+        if rank() != 0:
+            _barrier(destroy=group_created)
+            return None
+    elif not all(p.exists() for p in shard_path) or not _take_merge_lock(parts):
+        # Independent jobs sharing a folder (e.g. a SLURM array): whoever writes the last shard merges.
+        log.info("rank %d done; another rank merges the shards (or rerun with one process to merge)", rank())
         return None
+    else:
+        group_created = False
+    missing = [p.name for p in shard_path if not p.exists()]
+    if missing:
+        raise ScoringError(f"{parts}: shards {missing[:5]} are missing; a rank failed (its shards are kept, rerun)")
     table = pa.concat_tables([pq.read_table(p) for p in shard_path]).sort_by("id")
     if table.num_rows != len(order) or len(set(table.column("id").to_pylist())) != len(order):
         raise ScoringError(f"{parts}: shards hold {table.num_rows} rows for {len(order)} samples")
@@ -359,7 +388,28 @@ def score(cfg: ScoreConfig) -> Path | None:
     if not cfg.keep_shards:
         shutil.rmtree(parts, ignore_errors=True)
     log.info("wrote %s (%d samples, %d excluded)", out, table.num_rows, len(report["excluded"]))
+    if _launched_with_process_group():
+        _barrier(destroy=group_created)
     return out
+
+
+def _launched_with_process_group() -> bool:
+    return world_size() > 1 and "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ
+
+
+def _barrier(destroy: bool = False) -> bool:
+    """A gloo barrier over all ranks (CPU-only, so it works on any launcher); returns whether we created the
+    process group, so that the caller can destroy it again."""
+    import torch.distributed as dist
+
+    created = False
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+        created = True
+    dist.barrier()
+    if destroy:
+        dist.destroy_process_group()
+    return created
 
 
 def _take_merge_lock(parts: Path) -> bool:

@@ -49,6 +49,11 @@ class SelectConfig:
         "auto", help="IFD as a loss ratio (Cherry_LLM paper) or perplexity ratio (Superfiltering code)."
     )
     threshold: float = field(1.0, help="Drop samples with IFD >= threshold (1.0 in both originals).")
+    allow_missing: bool = field(
+        True,
+        help="Keep the ids scored in both files: direct scoring cannot score a one-token response without "
+        "BOS, and truncation may drop others; the count dropped is reported in the summary.",
+    )
     n_total: int | None = field(None, help="Dataset size N for rate x N (default: the number of scored samples).")
 
     def __post_init__(self) -> None:
@@ -81,7 +86,7 @@ def select_top(ids: np.ndarray, ifd: np.ndarray, rate: float, n_total: int, thre
 
 
 def select(cfg: SelectConfig) -> tuple[pd.DataFrame, dict]:
-    scores = read_scores(cfg.scores)
+    scores = read_scores(cfg.scores, cfg.allow_missing)
     cols = {r: f"logp_mean_{r}" for r in (cfg.conditioned, cfg.direct)}
     for role, col in cols.items():
         if col not in scores.columns:

@@ -154,14 +154,23 @@ def build_tiny_model(
     return folder
 
 
+DEMO_QUESTIONS = [
+    {"question_id": 1, "category": "writing", "turns": ["Write a haiku about the sea.", "Now one about a fox."]},
+    {"question_id": 2, "category": "math", "turns": ["What is two plus two?", "And twelve plus thirty?"]},
+]
+
+
 def build_demo(root: str | Path) -> Path:
-    """The README's example world: four tiny models (two families, base + instruct) and a small SFT file."""
+    """The README's example world: two tiny families (base + instruct), a larger llama as p_L, SFT data and
+    MT-Bench-style questions."""
     root = Path(root)
     for kind in ("llama", "qwen2"):
         build_tiny_model(root / "models" / kind, kind, instruct=False, seed=1)
         build_tiny_model(root / "models" / f"{kind}-it", kind, instruct=True, seed=2)
+    build_tiny_model(root / "models" / "llama-large", "llama", seed=5, hidden_size=96, num_layers=3)
     (root / "data").mkdir(parents=True, exist_ok=True)
     (root / "data" / "sft.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in SAMPLES))
+    (root / "data" / "questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in DEMO_QUESTIONS))
     return root
 
 

@@ -133,7 +133,15 @@ def postprocess(
     floored = w < floor
     w = np.clip(w, floor, upper)
     if normalize:
-        w /= w.mean()
+        # Renormalising lifts the clipped weights above the cap again: alternate until both hold (a few
+        # rounds), so that `clip_max` really bounds the final weights in units of the mean weight.
+        for _ in range(100):
+            w /= w.mean()
+            if w.max() <= upper * (1 + 1e-9) or not np.isfinite(upper):
+                break
+            w = np.clip(w, floor, upper)
+    if np.isfinite(upper):  # the share at the cap after the final renormalisation
+        clipped = w >= upper * (1 - 1e-6)
     return w, {
         "frac_clipped": float(clipped.mean()),
         "frac_floored": float(floored.mean()),
@@ -217,6 +225,16 @@ def compute(cfg: WeightsConfig) -> tuple[pd.DataFrame, dict]:
             )
         logp[key] = scores[col].to_numpy()
     log_w = log_weight(logp, cfg.formula)
+    trunc = [c for c in scores.columns if c.startswith("truncated_")]
+    if len(trunc) > 1:
+        # Each model may cut a long response at another token: its mean then covers other text.
+        differ = int((scores[trunc].nunique(axis=1) > 1).sum())
+        if differ:
+            log.warning(
+                "%d sample(s) are truncated under one model and not another; their log-probs cover "
+                "different text (raise render.max_length when scoring)",
+                differ,
+            )
     w, stats = postprocess(log_w, cfg.exponent, cfg.normalize, cfg.clip_max, cfg.clip_quantile, cfg.floor)
     table = pd.DataFrame({"id": scores.index.to_numpy(), "log_weight_raw": log_w, "weight": w})
     diag: dict[str, object] = {
@@ -236,7 +254,10 @@ def compute(cfg: WeightsConfig) -> tuple[pd.DataFrame, dict]:
             "n_common": len(common),
             "border": cfg.border,
             "disagreement_rate": disagreement_rate(raw, raw_other, cfg.border),
-            "spearman": rank_correlation(common["weight"].to_numpy(), common["weight_other"].to_numpy()),
+            # on the raw log weights: clipping ties the top of `weight` and would blur the ranking
+            "spearman": rank_correlation(
+                common["log_weight_raw"].to_numpy(), common["log_weight_raw_other"].to_numpy()
+            ),
         }
     return table, diag
 

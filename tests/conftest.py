@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -33,3 +34,10 @@ def models(tmp_path_factory) -> dict[str, str]:
 @pytest.fixture()
 def data_file(tmp_path) -> Path:
     return write_jsonl(tmp_path / "data.jsonl", SAMPLES)
+
+
+def free_port() -> int:
+    """A free TCP port on loopback for torchrun's rendezvous (port 0 does not reach the workers)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -14,7 +14,7 @@ from atlantis.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("verb", ["score", "weights", "select"])
+@pytest.mark.parametrize("verb", ["score", "weights", "select", "train", "generate"])
 def test_help(verb, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([verb, "--help"])
@@ -44,6 +44,7 @@ def test_readme_example_runs(tmp_path):
                 "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin",
                 "HF_HUB_OFFLINE": "1",
                 "HOME": str(tmp_path),
+                "OMP_NUM_THREADS": "1",
             },
         )
         assert proc.returncode == 0, (line, proc.stderr[-2000:])
@@ -52,6 +53,14 @@ def test_readme_example_runs(tmp_path):
     diag = json.loads((tmp_path / "demo/weights/influence.diagnostics.json").read_text())
     assert 0 < diag["ess_over_n"] <= 1
     assert len(pd.read_parquet(tmp_path / "demo/selection/ifd-0.50.parquet")) <= 3
+    for run, world in (("sft", 1), ("atlantis", 1), ("atlantis-zero3", 2)):
+        record = json.loads((tmp_path / "demo/runs" / run / "train_record.json").read_text())
+        assert record["world_size"] == world
+        assert (tmp_path / "demo/runs" / run / "final" / "model.safetensors").is_file()
+    for name in ("atlantis", "proxy"):
+        answers = [json.loads(line) for line in (tmp_path / f"demo/answers/{name}.jsonl").read_text().splitlines()]
+        assert [a["question_id"] for a in answers] == [1, 2]
+        assert all(len(a["choices"][0]["turns"]) == 2 for a in answers)
 
 
 def test_bad_settings_exit_2_with_a_message(caplog):

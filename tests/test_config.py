@@ -4,12 +4,20 @@ import pytest
 
 from atlantis import config as config_lib
 from atlantis.config import ConfigError, parse_overrides
+from atlantis.generate import GenerateConfig
 from atlantis.scoring import ScoreConfig
 from atlantis.selection import SelectConfig
+from atlantis.train import TrainConfig
 from atlantis.weights import WeightsConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-KINDS = {"score": ScoreConfig, "weights": WeightsConfig, "select": SelectConfig}
+KINDS = {
+    "score": ScoreConfig,
+    "weights": WeightsConfig,
+    "select": SelectConfig,
+    "train": TrainConfig,
+    "generate": GenerateConfig,
+}
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "config" / "examples").glob("*.yaml")), ids=lambda p: p.name)
@@ -54,3 +62,12 @@ def test_bad_settings_are_named(overrides, message):
 def test_missing_required_setting():
     with pytest.raises(ConfigError, match="model"):
         config_lib.load(ScoreConfig, None, ["role=small", "out=o.parquet", "data=d.jsonl"])
+
+
+def test_partial_section_keeps_the_fields_own_defaults():
+    base = ["model=m", "data=d.jsonl", "out=o", "method=sft"]
+    cfg = config_lib.load(TrainConfig, None, [*base, "render.max_length=64"])
+    assert cfg.render.max_length == 64 and cfg.render.include_end_of_turn  # training's default survives
+    assert not config_lib.load(
+        TrainConfig, None, [*base, "render.include_end_of_turn=false"]
+    ).render.include_end_of_turn

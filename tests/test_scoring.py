@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import SAMPLES, write_jsonl
+from conftest import SAMPLES, free_port, write_jsonl
 
 import atlantis.scoring as scoring
 from atlantis.data import DataConfig, load_samples
@@ -195,7 +195,7 @@ def test_torchrun_two_processes_equal_one(models, big_data, tmp_path):
         "--master_addr",
         "127.0.0.1",
         "--master_port",
-        "0",
+        str(free_port()),
         "-m",
         "atlantis.cli",
         "score",

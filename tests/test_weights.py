@@ -58,11 +58,16 @@ def test_postprocess_normalise_clip_floor():
     np.testing.assert_allclose(w, [1.0, 2.0])
     w, _ = postprocess(np.log([5.0, 5.0, 5.0]), exponent=0.0, normalize=False)
     np.testing.assert_allclose(w, [1.0, 1.0, 1.0])  # exponent 0 is plain SFT
-    # mean-1 weights [0.25, 0.5, 0.75, 2.5] clipped at 1, floored at 0.4, renormalised to mean 1
-    w, stats = postprocess(np.log([1.0, 2.0, 3.0, 10.0]), clip_max=1.0, floor=0.4)
-    raw = np.array([0.4, 0.5, 0.75, 1.0])
+    # mean-1 weights [0.25, 0.5, 0.75, 2.5], clipped at 1.2 and renormalised until both hold. Fixed point: the
+    # two largest sit at the cap and the rest keep their ratio: [a, 2a, 1.2, 1.2] with (2.4 + 3a) / 4 = 1
+    w, stats = postprocess(np.log([1.0, 2.0, 3.0, 10.0]), clip_max=1.2)
+    a = 1.6 / 3
+    np.testing.assert_allclose(w, [a, 2 * a, 1.2, 1.2])
+    assert stats["frac_clipped"] == 0.5
+    w, stats = postprocess(np.log([1.0, 2.0, 3.0, 10.0]), clip_max=10.0, floor=0.4)
+    raw = np.array([0.4, 0.5, 0.75, 2.5])
     np.testing.assert_allclose(w, raw / raw.mean())
-    assert stats["frac_clipped"] == 0.25 and stats["frac_floored"] == 0.25
+    assert stats["frac_floored"] == 0.25 and stats["frac_clipped"] == 0.0
     w, stats = postprocess(np.log(np.arange(1.0, 101.0)), clip_quantile=0.9, normalize=False)
     assert w.max() == pytest.approx(np.quantile(np.arange(1.0, 101.0), 0.9)) and stats["frac_clipped"] == 0.1
     # huge sequence-level log ratios do not overflow once normalised

@@ -1,0 +1,403 @@
+"""`atlantis generate`: answer MT-Bench / AlpacaEval questions with one model or a proxy-tuned triple.
+
+Input, one JSON object per line (a `.json` list is read too):
+
+- MT-Bench (FastChat's ``question.jsonl``): ``{"question_id", "category", "turns": [str, ...]}``; every turn is
+  answered with the conversation so far, the model's own earlier answers included;
+- AlpacaEval style: ``{"question_id", "instruction"}`` (or ``"prompt"``): a single turn.
+
+Output: FastChat's answer format, one line per question, so that ``fastchat.llm_judge.gen_judgment`` reads it
+unchanged: ``{"question_id", "answer_id", "model_id", "choices": [{"index": 0, "turns": [...]}], "tstamp"}``.
+
+How it differs from FastChat's ``gen_model_answer`` (batch 1, CUDA hard-coded): questions are answered
+``batch_size`` at a time with left padding (turn t of every question in the batch is one batched decode), on
+any device; a question's line is appended and flushed when its batch is done, and a rerun skips the question ids
+already in the file (after checking that the decoding settings are the ones the file was made with). FastChat's
+per-category MT-Bench temperatures are the default. Sampling seeds are derived from (seed, question id, turn),
+so a sampled answer is the same whatever batch the question lands in and whether or not the run was resumed.
+
+The proxy path (three models, logits s_L + α (s_r − s_S)) is the paper's proxy-tuning baseline (§2.3 Eq. 9,
+Appendix B / Table 7); see `atlantis.proxy`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from tqdm.auto import tqdm
+
+from atlantis.config import field
+from atlantis.data import DataError
+from atlantis.log import get_logger
+from atlantis.models import check_model_source
+from atlantis.proxy import LogitDecoder, ProxyModel, SingleModel
+from atlantis.render import NAMED_TEMPLATES
+
+log = get_logger(__name__)
+
+# FastChat llm_judge/common.py `temperature_config`; gen_model_answer uses 0.7 for any other category.
+MT_BENCH_TEMPERATURE: dict[str, float] = {
+    "writing": 0.7,
+    "roleplay": 0.7,
+    "extraction": 0.0,
+    "math": 0.0,
+    "coding": 0.0,
+    "reasoning": 0.0,
+    "stem": 0.1,
+    "humanities": 0.1,
+    "arena-hard-200": 0.0,
+}
+DEFAULT_TEMPERATURE = 0.7
+
+# Fields that change the answers: a resumed run must use the same ones as the file's first run.
+_SETTINGS = (
+    "model",
+    "large",
+    "small",
+    "ref",
+    "alpha",
+    "model_id",
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+    "stop",
+    "template",
+    "base_template",
+    "dtype",
+)
+
+
+class GenerateError(RuntimeError):
+    """Generation cannot go on as asked (an existing output made with other settings, ...)."""
+
+
+@dataclass
+class GenerateConfig:
+    questions: str = field(help="Questions: JSONL with question_id and turns (MT-Bench) or instruction/prompt.")
+    out: str = field(help="Answers file (.jsonl, FastChat format); existing question ids are skipped (resume).")
+    model: str | None = field(None, help="A single model folder or Hub id; or give large/small/ref instead.")
+    large: str | None = field(None, help="Proxy-tuning: the large base model p_b^L (Eq. 9).")
+    small: str | None = field(None, help="Proxy-tuning: the small base model p_b^S.")
+    ref: str | None = field(None, help="Proxy-tuning: the reference model p_r (the small model fine-tuned).")
+    alpha: float = field(1.0, help="Proxy-tuning strength: logits s_L + alpha (s_r - s_S).")
+    model_id: str | None = field(
+        None, help="model_id written in every answer; default: the model folder's name, or proxy-<large>-a<alpha>."
+    )
+    max_new_tokens: int = field(1024, help="Tokens generated per turn at most (FastChat's default 1024).")
+    temperature: float | None = field(
+        None,
+        help="Sampling temperature (below 1e-4: greedy). None: FastChat's MT-Bench temperature for the "
+        "question's category (0.7 writing/roleplay, 0.1 stem/humanities, 0 otherwise), 0.7 without one.",
+    )
+    top_p: float = field(1.0, help="Nucleus sampling: keep the most likely tokens holding this probability.")
+    seed: int = field(0, help="Sampling seed; each (question, turn) gets its own seed derived from it.")
+    batch_size: int = field(8, help="Questions decoded together (left padding).")
+    stop: list[str] = field(default_factory=list, help="Extra stop strings; EOS tokens always stop.")
+    template: str = field(
+        "auto",
+        help="Chat template of the model (of the reference model for a proxy): `auto` (the tokenizer's, else "
+        f"`plain`), `model` (require the tokenizer's own), one of {sorted(NAMED_TEMPLATES)}, or a .jinja path.",
+    )
+    base_template: str | None = field(
+        None, help="Proxy only: template for the two base models; None: the same prompt as the reference model."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        "auto", help="`auto`: float32 on CPU, bfloat16 on GPU."
+    )
+    device: str = field("auto", help="`auto` (cuda if available, else cpu) or a torch device.")
+    trust_remote_code: bool = field(False, help="Allow a model folder's own Python code to run.")
+    limit: int | None = field(None, help="Answer only the first N questions (for smoke runs).")
+    overwrite: bool = field(False, help="Start the answers file afresh instead of resuming it.")
+
+    def __post_init__(self) -> None:
+        proxy = [self.large, self.small, self.ref]
+        if self.model is not None and any(p is not None for p in proxy):
+            raise ValueError("give either model or large/small/ref (proxy-tuning), not both")
+        if self.model is None and not all(proxy):
+            raise ValueError("give model, or all three of large, small and ref for proxy-tuning")
+        if not math.isfinite(self.alpha):
+            raise ValueError(f"alpha must be finite, got {self.alpha}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature is not None and not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be >= 0 or None, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be positive, got {self.limit}")
+        if not self.out.endswith(".jsonl"):
+            raise ValueError(f"out must be a .jsonl file, got {self.out!r}")
+        if self.model_id is None:
+            self.model_id = (
+                Path(self.model).name
+                if self.model is not None
+                else f"proxy-{Path(str(self.large)).name}-a{self.alpha:g}"
+            )
+
+    @property
+    def is_proxy(self) -> bool:
+        return self.model is None
+
+
+@dataclass(frozen=True)
+class Question:
+    question_id: int | str
+    turns: tuple[str, ...]
+    category: str | None = None
+    source: str = ""  # "file:line" for error messages
+
+
+# ------------------------------------------------------------------------------------------------ input
+
+
+def _records(path: Path) -> Iterator[tuple[str, Any]]:
+    if not path.is_file():
+        raise DataError(f"{path}: questions file does not exist")
+    if path.suffix == ".json":
+        try:
+            obj = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno})") from err
+        if not isinstance(obj, list):
+            raise DataError(f"{path}: expected a JSON list of questions")
+        for i, rec in enumerate(obj):
+            yield f"{path}[{i}]", rec
+        return
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{lineno}", json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno})") from err
+
+
+def parse_question(rec: Any, where: str) -> Question:
+    """One question record, or `DataError` naming file:line and the field."""
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: a question must be a JSON object, got {type(rec).__name__}")
+    qid = rec.get("question_id")
+    if isinstance(qid, bool) or not isinstance(qid, (int, str)) or qid == "":
+        raise DataError(f"{where}: field 'question_id' must be a non-empty string or an integer, got {qid!r}")
+    if "turns" in rec:
+        turns = rec["turns"]
+        if not isinstance(turns, list) or not turns:
+            raise DataError(f"{where}: field 'turns' must be a non-empty list of strings")
+        for j, turn in enumerate(turns):
+            if not isinstance(turn, str) or not turn.strip():
+                raise DataError(f"{where}: field 'turns[{j}]' must be a non-empty string")
+    else:
+        key = next((k for k in ("instruction", "prompt") if k in rec), None)
+        if key is None:
+            raise DataError(f"{where}: a question needs 'turns' (MT-Bench) or 'instruction'/'prompt' (AlpacaEval)")
+        if not isinstance(rec[key], str) or not rec[key].strip():
+            raise DataError(f"{where}: field {key!r} must be a non-empty string")
+        turns = [rec[key]]
+    category = rec.get("category")
+    return Question(qid, tuple(turns), category if isinstance(category, str) else None, where)
+
+
+def load_questions(path: str | Path, limit: int | None = None) -> list[Question]:
+    """Read and check every question; duplicate ids are an error naming both places."""
+    out: list[Question] = []
+    seen: dict[str, str] = {}
+    for where, rec in _records(Path(path)):
+        if limit is not None and len(out) >= limit:
+            break
+        q = parse_question(rec, where)
+        key = str(q.question_id)
+        if key in seen:
+            raise DataError(f"{where}: duplicate question_id {q.question_id!r} (first at {seen[key]})")
+        seen[key] = where
+        out.append(q)
+    if not out:
+        raise DataError(f"{path}: no questions")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- output
+
+
+def _settings(cfg: GenerateConfig) -> dict[str, Any]:
+    full = dataclasses.asdict(cfg)
+    return {k: full[k] for k in _SETTINGS}
+
+
+def settings_path(out: Path) -> Path:
+    return out.with_name(out.name + ".settings.json")
+
+
+def read_done(out: Path, model_id: str) -> set[str]:
+    """Question ids already answered in `out`; a line cut short by a killed run is removed, with a warning."""
+    if not out.exists():
+        return set()
+    raw = out.read_bytes()
+    lines = raw.split(b"\n")
+    done: set[str] = set()
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as err:
+            if lineno == len(lines):  # the last line has no newline: the write was interrupted
+                log.warning("%s:%d: dropping an incomplete last line (an interrupted run)", out, lineno)
+                with out.open("r+b") as fh:
+                    fh.truncate(len(raw) - len(line))
+                break
+            raise DataError(f"{out}:{lineno}: malformed JSON ({err.msg}); fix or remove the line") from err
+        if not isinstance(rec, dict) or "question_id" not in rec:
+            raise DataError(f"{out}:{lineno}: not an answer record (no question_id)")
+        if rec.get("model_id") != model_id:
+            raise GenerateError(
+                f"{out}:{lineno}: answer of model_id {rec.get('model_id')!r}, but this run is {model_id!r}; "
+                "use another out file (FastChat keeps one file per model)"
+            )
+        done.add(str(rec["question_id"]))
+    if raw and not raw.endswith(b"\n") and out.read_bytes() == raw:  # a complete last line without newline
+        with out.open("ab") as fh:
+            fh.write(b"\n")
+    return done
+
+
+def _check_settings(cfg: GenerateConfig, out: Path, resuming: bool) -> None:
+    """Refuse to add answers made with other decoding settings to an existing file."""
+    path = settings_path(out)
+    now = _settings(cfg)
+    if resuming and path.exists():
+        before = json.loads(path.read_text())
+        changed = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
+        if changed:
+            diff = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
+            raise GenerateError(f"{out} was made with other settings ({diff}); use another out file or overwrite=true")
+    elif resuming:
+        log.warning("%s has no %s: cannot check that it was made with the same settings", out, path.name)
+    path.write_text(json.dumps(now, indent=1) + "\n")
+
+
+def answer_id(model_id: str, question_id: int | str, turns: Sequence[str]) -> str:
+    """A stable 22-character id (FastChat uses a random shortuuid of that length)."""
+    canon = json.dumps([model_id, question_id, list(turns)], ensure_ascii=False)
+    return hashlib.sha256(canon.encode("utf-8")).hexdigest()[:22]
+
+
+def answer_record(model_id: str, question: Question, answers: Sequence[str]) -> dict[str, Any]:
+    """One line of FastChat's model_answer/<model_id>.jsonl."""
+    return {
+        "question_id": question.question_id,
+        "answer_id": answer_id(model_id, question.question_id, answers),
+        "model_id": model_id,
+        "choices": [{"index": 0, "turns": list(answers)}],
+        "tstamp": time.time(),
+    }
+
+
+# ----------------------------------------------------------------------------------------------- decoding
+
+
+def question_temperature(question: Question, temperature: float | None) -> float:
+    if temperature is not None:
+        return temperature
+    return MT_BENCH_TEMPERATURE.get(question.category or "", DEFAULT_TEMPERATURE)
+
+
+def turn_seed(seed: int, question_id: int | str, turn: int) -> int:
+    """A seed per (question, turn), independent of batching and of resuming."""
+    digest = hashlib.sha256(f"{seed}:{question_id!r}:{turn}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # < 2**63
+
+
+def conversation(question: Question, answers: Sequence[str], turn: int) -> list[dict[str, str]]:
+    """Messages for turn `turn`: every earlier question with the model's own answer, then this question."""
+    msgs: list[dict[str, str]] = []
+    for t in range(turn):
+        msgs.append({"role": "user", "content": question.turns[t]})
+        msgs.append({"role": "assistant", "content": answers[t]})
+    msgs.append({"role": "user", "content": question.turns[turn]})
+    return msgs
+
+
+def answer_batch(decoder: LogitDecoder, questions: Sequence[Question], cfg: GenerateConfig) -> list[list[str]]:
+    """Answers to every turn of every question; turn t of all questions that have one is one batched decode."""
+    answers: list[list[str]] = [[] for _ in questions]
+    for turn in range(max(len(q.turns) for q in questions)):
+        rows = [i for i, q in enumerate(questions) if len(q.turns) > turn]
+        gens = decoder.generate(
+            [conversation(questions[i], answers[i], turn) for i in rows],
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=[question_temperature(questions[i], cfg.temperature) for i in rows],
+            top_p=cfg.top_p,
+            seed=[turn_seed(cfg.seed, questions[i].question_id, turn) for i in rows],
+            stop=cfg.stop,
+        )
+        for i, gen in zip(rows, gens):
+            answers[i].append(gen.text.strip())  # as FastChat does
+    return answers
+
+
+def load_decoder(cfg: GenerateConfig) -> LogitDecoder:
+    if cfg.is_proxy:
+        return ProxyModel.from_pretrained(
+            str(cfg.large),
+            str(cfg.small),
+            str(cfg.ref),
+            alpha=cfg.alpha,
+            template=cfg.template,
+            base_template=cfg.base_template,
+            dtype=cfg.dtype,
+            device=cfg.device,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    return SingleModel.from_pretrained(
+        str(cfg.model),
+        template=cfg.template,
+        dtype=cfg.dtype,
+        device=cfg.device,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+
+
+def generate(cfg: GenerateConfig, decoder: LogitDecoder | None = None) -> Path:
+    """Answer every question of `cfg.questions` not yet in `cfg.out`; returns the answers file.
+
+    `decoder` reuses models already loaded (tests, notebooks); by default they are loaded from the config.
+    """
+    out = Path(cfg.out)
+    model_id = str(cfg.model_id)
+    for spec in [cfg.model] if not cfg.is_proxy else [cfg.large, cfg.small, cfg.ref]:
+        check_model_source(str(spec), cfg.trust_remote_code)  # before reading anything else
+    questions = load_questions(cfg.questions, cfg.limit)
+    if cfg.overwrite and out.exists():
+        out.unlink()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = read_done(out, model_id)
+    _check_settings(cfg, out, resuming=out.exists())
+    todo = [q for q in questions if str(q.question_id) not in done]
+    if done:
+        log.info("resuming %s: %d of %d questions already answered", out, len(questions) - len(todo), len(questions))
+    if not todo:
+        log.info("%s: nothing to do", out)
+        return out
+    decoder = decoder if decoder is not None else load_decoder(cfg)
+    with out.open("a", encoding="utf-8") as fh, tqdm(total=len(todo), desc="generate", unit="question") as bar:
+        for b in range(0, len(todo), cfg.batch_size):
+            batch = todo[b : b + cfg.batch_size]
+            for q, answers in zip(batch, answer_batch(decoder, batch, cfg)):
+                # One write per line, flushed: a killed run leaves at most one cut line, dropped on resume.
+                fh.write(json.dumps(answer_record(model_id, q, answers), ensure_ascii=False) + "\n")
+                fh.flush()
+            bar.update(len(batch))
+    log.info("wrote %d answers to %s (model_id %s)", len(todo), out, model_id)
+    return out

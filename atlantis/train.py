@@ -1,0 +1,485 @@
+"""Weighted SFT (ATLANTIS, Algorithm 1 lines 3-8) and plain SFT on the HF Trainer, under DeepSpeed or not.
+
+Why the transformers `Trainer` and not TRL's `SFTTrainer`: the per-sample weight must travel from a weights
+file, joined by sample id, into the loss. SFTTrainer keeps only its signature columns and its collator
+returns only input_ids/attention_mask/labels, so a weight column is silently dropped and training runs
+unweighted (see the environment notes); packing drops it too. We own the dataset (rendered by
+`atlantis.render`, the same code that scores), the collator (it carries `weights`) and `compute_loss`;
+the Trainer supplies everything else: DeepSpeed ZeRO-2/3 with offload (Table 6), torchrun/accelerate
+launch, gradient accumulation, `num_items_in_batch` counted over accumulation steps and ranks,
+checkpoints and resume.
+
+Loss (see `atlantis.loss`): Σ_i w_i Σ_t ℓ_it / N with N the response tokens of the global batch, so that
+all-ones weights are exactly plain SFT; the LM head runs only on response positions, in chunks that are
+recomputed in the backward pass, so no `[batch, seq, vocab]` fp32 logits are built.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from atlantis import config as config_lib
+from atlantis.config import field
+from atlantis.data import DataConfig, load_samples
+from atlantis.log import get_logger
+from atlantis.loss import IGNORE_INDEX, weighted_loss
+from atlantis.models import check_model_source, finalize_logits, load_tokenizer
+from atlantis.render import RenderConfig, Renderer
+from atlantis.selection import read_subset
+from atlantis.weights import weights_for
+
+log = get_logger(__name__)
+
+# Paper Table 6 ("Implementation details"), per size of the large model. warmup and decay are linear,
+# the optimizer is AdamW, the seed 0; all runs use DeepSpeed ZeRO-3 with optimizer and parameter offload.
+PRESETS: dict[str, dict[str, float | int]] = {
+    "paper-13b": {
+        "max_steps": 60_000,
+        "per_device_batch_size": 2,
+        "learning_rate": 2e-5,
+        "grad_accum": 8,
+        "warmup_steps": 6_000,
+    },
+    "paper-27b": {
+        "max_steps": 30_000,
+        "per_device_batch_size": 1,
+        "learning_rate": 5e-6,
+        "grad_accum": 8,
+        "warmup_steps": 3_000,
+    },
+    "paper-72b": {
+        "max_steps": 15_000,
+        "per_device_batch_size": 1,
+        "learning_rate": 5e-7,
+        "grad_accum": 4,
+        "warmup_steps": 1_500,
+    },
+}
+DEEPSPEED_CONFIGS = Path(__file__).resolve().parent / "deepspeed"
+# fp32 logits per LM-head chunk in the loss. Larger than the scorer's budget: every chunk is recomputed in the
+# backward pass (and, under ZeRO-3, gathers the head), so fewer, larger chunks are faster.
+LOSS_LOGITS_BUDGET = 1024 * 2**20
+
+
+VERIFY_TOKENS = 256  # tokens of one row checked against the model's own loss at the first step
+
+
+class TrainError(ValueError):
+    """Training cannot start as configured."""
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = field(False, help="Train LoRA adapters (peft) instead of all weights.")
+    r: int = field(16, help="LoRA rank.")
+    alpha: int = field(32, help="LoRA alpha.")
+    dropout: float = field(0.05, help="LoRA dropout.")
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], help="Modules to adapt."
+    )
+
+
+@dataclass
+class TrainConfig:
+    model: str = field(help="The large base model p_L to fine-tune (folder or Hub id).")
+    data: DataConfig = field(help="The SFT set D.")
+    out: str = field(help="Output folder: checkpoints, and the final model (safetensors + tokenizer).")
+    method: Literal["sft", "atlantis"] = field("atlantis", help="`sft`: unweighted; `atlantis`: weighted.")
+    weights: str | None = field(None, help="Weights file from `atlantis weights` (required for atlantis).")
+    subset: str | None = field(None, help="Train only on these ids (a selection Parquet or a text file).")
+    render: RenderConfig = field(
+        default_factory=lambda: RenderConfig(include_end_of_turn=True),
+        help="Rendering; the end-of-turn token is trained so that the model learns to stop.",
+    )
+    preset: Literal["none", "paper-13b", "paper-27b", "paper-72b"] = field(
+        "none", help="Paper Table 6 hyper-parameters for the large model's size (overrides the fields below)."
+    )
+    normalization: Literal["token", "sequence"] = field(
+        "token", help="token: Σ w·ℓ / response tokens of the global batch (= SFT at w=1); sequence: Alg. 1."
+    )
+    max_steps: int = field(-1, help="Optimizer steps (-1: run num_train_epochs).")
+    num_train_epochs: float = field(1.0, help="Epochs when max_steps is -1.")
+    per_device_batch_size: int = field(2, help="Micro-batch size per process.")
+    grad_accum: int = field(8, help="Gradient accumulation steps.")
+    learning_rate: float = field(2e-5, help="Peak learning rate (AdamW).")
+    warmup_steps: int = field(0, help="Linear warm-up steps; then linear decay to 0.")
+    weight_decay: float = field(0.0, help="AdamW weight decay.")
+    max_grad_norm: float = field(1.0, help="Gradient clipping.")
+    seed: int = field(0, help="Seed (paper: 0).")
+    dtype: Literal["auto", "float32", "bfloat16"] = field("auto", help="auto: bf16 on GPU, fp32 on CPU.")
+    deepspeed: str | None = field(
+        None, help="DeepSpeed JSON, or a shipped name: zero3_offload (Table 6), zero3, zero2."
+    )
+    gradient_checkpointing: bool = field(False, help="Recompute activations in backward.")
+    loss_chunk: int | None = field(
+        None,
+        help="Response positions per LM-head chunk in the loss, recomputed in backward; default: as many "
+        "as fit 64 MiB of fp32 logits (64 rows at Gemma's 262k vocabulary).",
+    )
+    lora: LoraConfig = field(default_factory=LoraConfig, help="LoRA via peft.")
+    verify: bool = field(True, help="At the first step, check the chunked loss against the model's own loss.")
+    renormalize_weights: bool = field(
+        True, help="Rescale the weights to mean 1 over the samples actually trained on (subsets, exclusions)."
+    )
+    logging_steps: int = field(10, help="Log every N steps.")
+    save_steps: int = field(500, help="Checkpoint every N steps.")
+    save_total_limit: int | None = field(3, help="Keep at most N checkpoints.")
+    resume: str = field("auto", help="`auto`: resume from the last checkpoint in `out` if any; `none`; or a path.")
+    trust_remote_code: bool = field(False, help="Allow a model folder's own Python code to run.")
+    report_to: str = field("none", help="Trainer integrations (none, tensorboard, wandb, ...).")
+
+    def __post_init__(self) -> None:
+        if self.method == "atlantis" and not self.weights:
+            raise ValueError("method=atlantis needs weights=FILE (from `atlantis weights`)")
+        if self.method == "sft" and self.weights:
+            raise ValueError("method=sft trains unweighted; drop weights= or use method=atlantis")
+        if self.preset != "none":
+            for key, value in PRESETS[self.preset].items():
+                setattr(self, key, value)
+        for name in ("per_device_batch_size", "grad_accum", "loss_chunk", "logging_steps", "save_steps"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.learning_rate <= 0:
+            raise ValueError("learning_rate must be positive")
+
+
+# ------------------------------------------------------------------------------------------- data
+
+
+class WeightedSFTDataset(torch.utils.data.Dataset):
+    """Rendered samples with labels (-100 outside responses) and their weight, in a fixed id order."""
+
+    def __init__(self, ids: list[str], input_ids: list[list[int]], labels: list[list[int]], weights: list[float]):
+        self.ids, self.input_ids, self.labels, self.weights = ids, input_ids, labels, weights
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.input_ids[i], "labels": self.labels[i], "weights": self.weights[i]}
+
+
+def build_dataset(cfg: TrainConfig, tokenizer) -> WeightedSFTDataset:
+    samples = load_samples(cfg.data)
+    if cfg.subset:
+        wanted = read_subset(cfg.subset)
+        known = {s.id for s in samples}
+        missing = [i for i in wanted if i not in known]
+        if missing:
+            raise TrainError(f"{cfg.subset}: {len(missing)} id(s) are not in {cfg.data.path}, e.g. {missing[:3]}")
+        keep = set(wanted)
+        samples = [s for s in samples if s.id in keep]
+    rendered, excluded = Renderer(tokenizer, cfg.render).render(samples)
+    if excluded:
+        log.warning("training without %d sample(s) whose response did not fit max_length", len(excluded))
+    ids = [r.id for r in rendered]
+    # every sample needs a finite weight, or weights_for raises before any training
+    w = weights_for(ids, cfg.weights).tolist() if cfg.method == "atlantis" else [1.0] * len(ids)
+    if cfg.method == "atlantis" and cfg.renormalize_weights:
+        # The weights have mean 1 over everything scored; on a subset (Table 3) or after exclusions their mean
+        # drifts, which would rescale the learning rate against the SFT baseline on the same samples.
+        mean = sum(w) / len(w)
+        log.info("weights over the %d training samples: mean %.4f, renormalised to 1", len(w), mean)
+        w = [x / mean for x in w]
+    labels = [[t if m else IGNORE_INDEX for t, m in zip(r.input_ids, r.labels_mask)] for r in rendered]
+    log.info(
+        "training set: %d samples, %d response tokens, weights mean %.3f",
+        len(ids),
+        sum(r.n_response for r in rendered),
+        sum(w) / max(len(w), 1),
+    )
+    return WeightedSFTDataset(ids, [r.input_ids for r in rendered], labels, w)
+
+
+@dataclass
+class WeightedCollator:
+    """Right-pads a micro-batch and carries the per-sample weights."""
+
+    pad_id: int
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(f["input_ids"]) for f in features)
+        ids = torch.full((len(features), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
+        attn = torch.zeros((len(features), width), dtype=torch.long)
+        for i, f in enumerate(features):
+            n = len(f["input_ids"])
+            ids[i, :n] = torch.tensor(f["input_ids"])
+            labels[i, :n] = torch.tensor(f["labels"])
+            attn[i, :n] = 1
+        # A list, not a tensor: the Trainer casts floating tensors to DeepSpeed's bf16, which would round weights.
+        weights = [float(f["weights"]) for f in features]
+        return {"input_ids": ids, "attention_mask": attn, "labels": labels, "weights": weights}
+
+
+# ------------------------------------------------------------------------------------------- loss
+
+
+def _chunk_nll(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, config) -> torch.Tensor:
+    logits = finalize_logits(config, head(hidden).float())
+    return F.cross_entropy(logits, targets, reduction="none")
+
+
+def response_token_nll(model, input_ids, attention_mask, labels, chunk: int | None = None, core=None):
+    """Per-token NLL [B, T-1] (zero off the response) and the response mask, without full logits.
+
+    `model` may be wrapped (DDP, DeepSpeed engine): the forward goes through the wrapper, so that gradient
+    synchronisation and ZeRO-3 parameter gathering work, with `logits_to_keep=1` so that the model's own LM
+    head costs one position; `core` is the unwrapped model whose LM head we apply ourselves, only on positions
+    that predict a response token, `chunk` rows at a time. Each chunk is checkpointed: its fp32 logits are
+    freed after the forward and recomputed in the backward pass.
+    """
+    core = core if core is not None else model
+    out = model(
+        input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, output_hidden_states=True, use_cache=False
+    )
+    hidden = out.hidden_states[-1]  # after the final norm (checked against the full loss at the first step)
+    shift_labels = labels[:, 1:]
+    mask = shift_labels != IGNORE_INDEX
+    h = hidden[:, :-1][mask]
+    targets = shift_labels[mask]
+    head = core.get_output_embeddings()
+    vocab = getattr(head.weight, "ds_shape", head.weight.shape)[0]  # ZeRO-3 releases the data: use its shape
+    chunk = chunk or max(16, LOSS_LOGITS_BUDGET // (4 * vocab))
+    parts = [
+        checkpoint(_chunk_nll, h[s : s + chunk], targets[s : s + chunk], head, core.config, use_reentrant=False)
+        for s in range(0, targets.shape[0], chunk)
+    ]
+    nll = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
+    if parts:
+        nll = nll.masked_scatter(mask, torch.cat(parts))
+    return nll, mask
+
+
+def _trainer_class():
+    from transformers import Trainer
+
+    class WeightedTrainer(Trainer):
+        """Trainer whose loss is `atlantis.loss.weighted_loss` with the batch's per-sample weights."""
+
+        def __init__(
+            self, *args, normalization: str = "token", loss_chunk: int | None = None, verify: bool = True, **kwargs
+        ):
+            super().__init__(*args, **kwargs)
+            self.verified = not verify
+            self.normalization = normalization
+            self.loss_chunk = loss_chunk
+            # Our compute_loss normalises by num_items_in_batch itself: tell the Trainer to count it and not
+            # to divide by the accumulation steps again.
+            self.model_accepts_loss_kwargs = True
+
+        def _verify(self, model, inputs, labels, nll, mask):
+            """Once: our chunked response NLL equals the model's own causal-LM loss, on the first row's first
+            VERIFY_TOKENS tokens (a full-logits check of the whole batch would cost the memory we save)."""
+            rows = [i for i in range(labels.shape[0]) if mask[i, : VERIFY_TOKENS - 1].any()]
+            if not rows:
+                return  # no response token early enough in this batch: check the next one
+            i, n = rows[0], VERIFY_TOKENS
+            with torch.no_grad():
+                ref = model(
+                    input_ids=inputs["input_ids"][i : i + 1, :n],
+                    attention_mask=inputs["attention_mask"][i : i + 1, :n],
+                    labels=labels[i : i + 1, :n],
+                    use_cache=False,
+                ).loss
+            ours = nll[i, : n - 1].detach().sum() / mask[i, : n - 1].sum()
+            tol = 1e-4 if nll.dtype == torch.float32 and not self.args.bf16 else 2e-2
+            if abs(float(ours) - float(ref)) > tol * max(1.0, abs(float(ref))):
+                raise TrainError(
+                    f"the chunked loss ({float(ours):.6f}) differs from the model's own loss "
+                    f"({float(ref):.6f}); this architecture post-processes its hidden states or "
+                    "logits in a way atlantis does not replicate (verify=false skips this check)"
+                )
+            self.verified = True
+
+        def _get_num_items_in_batch(self, batch_samples, device):
+            if self.normalization == "token":
+                return super()._get_num_items_in_batch(batch_samples, device)
+            # Algorithm 1's |B|: sequences in the global batch (all accumulation steps, all ranks).
+            count = torch.tensor(sum(b["labels"].shape[0] for b in batch_samples), device=device)
+            if self.args.world_size > 1:
+                count = self.accelerator.gather(count).sum()
+            return count
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs.pop("labels")
+            weights = torch.as_tensor(inputs.pop("weights"), dtype=torch.float32, device=labels.device)
+            core = self.accelerator.unwrap_model(model)
+            nll, mask = response_token_nll(
+                model, inputs["input_ids"], inputs["attention_mask"], labels, self.loss_chunk, core
+            )
+            if not self.verified:
+                self._verify(model, inputs, labels, nll, mask)
+            if num_items_in_batch is None:  # evaluation, or a caller outside the training loop
+                num_items_in_batch = mask.sum() if self.normalization == "token" else labels.shape[0]
+            loss = weighted_loss(nll, mask, weights, num_items_in_batch, self.normalization)
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                # DDP/DeepSpeed average gradients over ranks; the global denominator already counts every
+                # rank's items, so undo that average (as the Trainer's own compute_loss does).
+                loss = loss * self.accelerator.num_processes
+            return (loss, {"nll": nll}) if return_outputs else loss
+
+    return WeightedTrainer
+
+
+# ----------------------------------------------------------------------------------------- the run
+
+
+def resolve_deepspeed(spec: str | None) -> str | None:
+    if spec is None:
+        return None
+    shipped = DEEPSPEED_CONFIGS / f"{spec}.json"
+    if shipped.is_file():
+        return str(shipped)
+    if not Path(spec).is_file():
+        raise TrainError(
+            f"deepspeed config {spec!r}: no such file, and not one of "
+            f"{sorted(p.stem for p in DEEPSPEED_CONFIGS.glob('*.json'))}"
+        )
+    return spec
+
+
+def training_arguments(cfg: TrainConfig):
+    from transformers import TrainingArguments
+
+    on_gpu = torch.cuda.is_available()
+    bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and on_gpu)
+    extra = {"gradient_checkpointing": True} if cfg.gradient_checkpointing else {}
+    return TrainingArguments(
+        **extra,
+        output_dir=cfg.out,
+        max_steps=cfg.max_steps,
+        num_train_epochs=cfg.num_train_epochs,
+        per_device_train_batch_size=cfg.per_device_batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type="linear",
+        warmup_steps=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        optim="adamw_torch",
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=bf16,
+        use_cpu=not on_gpu,
+        deepspeed=resolve_deepspeed(cfg.deepspeed),
+        logging_steps=cfg.logging_steps,
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        remove_unused_columns=False,  # keep `weights`: the dataset is ours, not a datasets.Dataset
+        average_tokens_across_devices=True,
+        report_to=cfg.report_to,
+        dataloader_num_workers=0,
+        ddp_backend="gloo" if not on_gpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+    )
+
+
+def _settings_fingerprint(cfg: TrainConfig) -> dict:
+    """What must not change between a run and its resumption (not: out, resume, logging, saving)."""
+    skip = {"out", "resume", "logging_steps", "save_steps", "save_total_limit", "report_to", "verify"}
+    return {k: v for k, v in config_lib.to_dict(cfg).items() if k not in skip}
+
+
+def _resume_from(cfg: TrainConfig) -> str | bool | None:
+    settings = Path(cfg.out) / "run_settings.json"
+    current = json.loads(json.dumps(_settings_fingerprint(cfg), default=str))
+    if cfg.resume == "none":
+        return None
+    if cfg.resume == "auto":
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(cfg.out) if Path(cfg.out).is_dir() else None
+        if last and settings.is_file() and json.loads(settings.read_text()) != current:
+            old = json.loads(settings.read_text())
+            changed = sorted(k for k in set(old) | set(current) if old.get(k) != current.get(k))
+            raise TrainError(
+                f"{cfg.out} holds checkpoints of a run with other settings ({changed}); they are "
+                "kept. Use another out, or resume=none to start over in this folder."
+            )
+        return last
+    if not Path(cfg.resume).is_dir():
+        raise TrainError(f"resume={cfg.resume}: no such checkpoint folder")
+    return cfg.resume
+
+
+def train(cfg: TrainConfig, callbacks: list | None = None):
+    """Fine-tune `cfg.model` on `cfg.data`; returns the Trainer (its state holds the log history)."""
+    from transformers import AutoModelForCausalLM
+
+    check_model_source(cfg.model, cfg.trust_remote_code)
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    dataset = build_dataset(cfg, tokenizer)  # all data and weight errors surface before the model loads
+    if cfg.deepspeed and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        # ZeRO-3 partitions the model while from_pretrained builds it (zero.Init), which reads the world size
+        # from deepspeed.comm; on CPU nothing else initialises it before that point, so do it here (gloo).
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
+    args = training_arguments(cfg)
+    # fp32 master weights always: with bf16=True the Trainer autocasts (or DeepSpeed keeps fp32 optimizer
+    # state); pure-bf16 AdamW would round most updates away at the paper's learning rates (2e-5 to 5e-7).
+    model = AutoModelForCausalLM.from_pretrained(
+        cfg.model, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code
+    )
+    model.config.use_cache = False
+    if cfg.lora.enabled:
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
+
+        model = get_peft_model(
+            model,
+            PeftLoraConfig(
+                r=cfg.lora.r,
+                lora_alpha=cfg.lora.alpha,
+                lora_dropout=cfg.lora.dropout,
+                target_modules=list(cfg.lora.target_modules),
+                task_type="CAUSAL_LM",
+            ),
+        )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    trainer = _trainer_class()(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=WeightedCollator(pad_id or 0),
+        processing_class=tokenizer,
+        normalization=cfg.normalization,
+        loss_chunk=cfg.loss_chunk,
+        verify=cfg.verify,
+        callbacks=callbacks,
+    )
+    resume_from = _resume_from(cfg)
+    if trainer.is_world_process_zero():
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.out) / "run_settings.json").write_text(json.dumps(_settings_fingerprint(cfg), default=str))
+    trainer.train(resume_from_checkpoint=resume_from)
+    final = Path(cfg.out) / "final"
+    if cfg.lora.enabled and not trainer.is_deepspeed_enabled:
+        # A LoRA run's final model is the merged model, loadable like any other (score, generate, lm-eval).
+        merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+        if trainer.is_world_process_zero():
+            merged.save_pretrained(final)
+    else:
+        trainer.save_model(str(final))  # safetensors; ZeRO-3 gathers the 16-bit weights (shipped configs)
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(final)
+        record = {
+            "config": config_lib.to_dict(cfg),
+            "log_history": trainer.state.log_history,
+            "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        }
+        (Path(cfg.out) / "train_record.json").write_text(json.dumps(record, indent=1, default=str))
+        log.info("saved the final model to %s", final)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # A clean teardown: ranks leaving while gloo still has work in flight can abort at exit.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return trainer

@@ -1,0 +1,318 @@
+"""Weighted SFT: exactness against plain SFT, invariances of the normalisation, training, resume, ranks."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import free_port, write_jsonl
+from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+from atlantis.data import DataConfig
+from atlantis.models import load_tokenizer
+from atlantis.train import TrainConfig, TrainError, WeightedCollator, _trainer_class, build_dataset, train
+from atlantis.weights import WeightsError
+
+WEIGHTS = [0.5, 2.0, 1.0, 1.3, 0.2, 3.0, 1.0, 0.3]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, models):
+    root = tmp_path_factory.mktemp("train")
+    records = [
+        {
+            "id": f"s{i}",
+            "conversations": [
+                {"from": "human", "value": f"Count {i} animals."},
+                {"from": "gpt", "value": " ".join(["fox", "dog", "sea"][j % 3] for j in range(2 + 2 * i))},
+            ],
+        }
+        for i in range(8)
+    ]
+    data = write_jsonl(root / "d.jsonl", records)
+    pq.write_table(pa.table({"id": [r["id"] for r in records], "weight": WEIGHTS}), root / "w.parquet")
+    return {"model": models["llama"], "data": str(data), "weights": str(root / "w.parquet"), "root": root}
+
+
+def cfg_for(world, out, **kw):
+    base = dict(
+        model=world["model"],
+        data=DataConfig(path=world["data"]),
+        out=str(out),
+        method="atlantis",
+        weights=world["weights"],
+        max_steps=1,
+        per_device_batch_size=8,
+        grad_accum=1,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_steps=1000,
+        max_grad_norm=1e9,
+        resume="none",
+    )
+    base.update(kw)
+    if base["method"] == "sft":
+        base["weights"] = None
+    return TrainConfig(**base)
+
+
+class GradCapture(TrainerCallback):
+    def __init__(self):
+        self.grads = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+
+
+def batch_and_trainers(world, tmp_path, weights):
+    tok = load_tokenizer(world["model"])
+    cfg = cfg_for(world, tmp_path / "x", method="sft")
+    ds = build_dataset(cfg, tok)
+    batch = WeightedCollator(tok.pad_token_id)([ds[i] for i in range(4)])
+    batch["weights"] = torch.tensor(weights)
+    model = AutoModelForCausalLM.from_pretrained(world["model"], dtype=torch.float32)
+    args = TrainingArguments(str(tmp_path / "t"), use_cpu=True, report_to="none", remove_unused_columns=False)
+    return batch, model, _trainer_class()(model=model, args=args), Trainer(model=model, args=args)
+
+
+def loss_and_grads(trainer, model, inputs, n):
+    model.zero_grad()
+    loss = trainer.compute_loss(model, dict(inputs), num_items_in_batch=n)
+    loss.backward()
+    return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
+
+
+def test_all_ones_weights_equal_the_trainers_own_sft_loss_and_gradients(world, tmp_path):
+    batch, model, ours, stock = batch_and_trainers(world, tmp_path, [1.0] * 4)
+    n = torch.tensor(3 * int((batch["labels"][:, 1:] != -100).sum()))  # as if 3 accumulation micro-batches
+    loss, grads = loss_and_grads(ours, model, batch, n)
+    plain = {k: v for k, v in batch.items() if k != "weights"}
+    ref_loss, ref_grads = loss_and_grads(stock, model, plain, n)
+    assert abs(loss - ref_loss) < 1e-6, (loss, ref_loss)
+    for k in ref_grads:
+        assert torch.allclose(grads[k], ref_grads[k], atol=1e-6), k
+
+
+def test_weight_two_equals_duplicate_and_weight_zero_equals_removal(world, tmp_path):
+    batch, model, ours, _ = batch_and_trainers(world, tmp_path, [2.0, 1.0, 0.0, 1.0])
+    n = torch.tensor(50)
+    loss, grads = loss_and_grads(ours, model, batch, n)
+    keep = [0, 0, 1, 3]  # sample 0 twice, sample 2 removed
+    width = int(batch["attention_mask"][keep].sum(1).max())
+    dup = {k: v[keep][:, :width] for k, v in batch.items() if k != "weights"}
+    dup["weights"] = torch.ones(4)
+    ref_loss, ref_grads = loss_and_grads(ours, model, dup, n)
+    assert abs(loss - ref_loss) < 1e-6
+    for k in grads:
+        assert torch.allclose(grads[k], ref_grads[k], atol=1e-6), k
+
+
+def run_and_capture(world, out, **kw):
+    capture = GradCapture()
+    trainer = train(cfg_for(world, out, **kw), callbacks=[capture])
+    steps = [h for h in trainer.state.log_history if "loss" in h]
+    return steps, capture.grads, trainer.model
+
+
+def test_batch_8_accum_1_equals_batch_1_accum_8_with_weights(world, tmp_path):
+    a_log, a_grads, _ = run_and_capture(world, tmp_path / "a", per_device_batch_size=8, grad_accum=1)
+    b_log, b_grads, _ = run_and_capture(world, tmp_path / "b", per_device_batch_size=1, grad_accum=8)
+    c_log, c_grads, _ = run_and_capture(
+        world, tmp_path / "c", per_device_batch_size=2, grad_accum=4, normalization="token"
+    )
+    assert a_log[0]["loss"] == pytest.approx(b_log[0]["loss"], rel=1e-5) == pytest.approx(c_log[0]["loss"], rel=1e-5)
+    assert a_log[0]["grad_norm"] == pytest.approx(b_log[0]["grad_norm"], rel=1e-5)
+    for k in a_grads[0]:
+        assert torch.allclose(a_grads[0][k], b_grads[0][k], atol=1e-6), k
+        assert torch.allclose(a_grads[0][k], c_grads[0][k], atol=1e-6), k
+    # and the same for Algorithm 1's sequence normalisation
+    s1, _, _ = run_and_capture(world, tmp_path / "s1", normalization="sequence")
+    s8, _, _ = run_and_capture(world, tmp_path / "s8", normalization="sequence", per_device_batch_size=1, grad_accum=8)
+    assert s1[0]["loss"] == pytest.approx(s8[0]["loss"], rel=1e-5)
+
+
+def test_training_changes_parameters_and_weights_change_the_result(world, tmp_path):
+    before = AutoModelForCausalLM.from_pretrained(world["model"]).state_dict()
+    w_log, _, _ = run_and_capture(world, tmp_path / "w", max_steps=2)
+    s_log, _, _ = run_and_capture(world, tmp_path / "s", max_steps=2, method="sft")
+    weighted = AutoModelForCausalLM.from_pretrained(tmp_path / "w" / "final").state_dict()
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "s" / "final").state_dict()
+    assert any(not torch.equal(before[k], weighted[k]) for k in before)
+    assert any((weighted[k] - plain[k]).abs().max() > 1e-4 for k in before)
+    assert w_log[0]["loss"] != pytest.approx(s_log[0]["loss"], rel=1e-3)
+    assert (tmp_path / "w" / "final" / "model.safetensors").is_file()
+    assert (tmp_path / "w" / "final" / "tokenizer.json").is_file()
+    record = json.loads((tmp_path / "w" / "train_record.json").read_text())
+    assert record["config"]["method"] == "atlantis"
+
+
+def test_resume_continues_with_identical_losses(world, tmp_path):
+    full, _, _ = run_and_capture(
+        world, tmp_path / "full", max_steps=4, per_device_batch_size=2, grad_accum=2, save_steps=2
+    )
+    assert (tmp_path / "full" / "checkpoint-2").is_dir()
+    part = tmp_path / "part"
+    part.mkdir()
+    os.symlink(tmp_path / "full" / "checkpoint-2", part / "checkpoint-2")
+    resumed, _, _ = run_and_capture(
+        world, part, max_steps=4, per_device_batch_size=2, grad_accum=2, save_steps=2, resume="auto"
+    )
+    # the history restored from checkpoint-2 holds steps 1-2; steps 3-4 are trained again after the resume
+    assert [h["step"] for h in resumed] == [1, 2, 3, 4]
+    for a, b in zip(full, resumed):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6)
+
+
+def test_weights_must_cover_every_sample(world, tmp_path):
+    pq.write_table(pa.table({"id": ["s0", "s1"], "weight": [1.0, 2.0]}), tmp_path / "few.parquet")
+    with pytest.raises(WeightsError, match="no weight for 6 of 8 sample id"):
+        train(cfg_for(world, tmp_path / "o", weights=str(tmp_path / "few.parquet")))
+    pq.write_table(
+        pa.table({"id": [f"s{i}" for i in range(8)], "weight": [1.0] * 7 + [float("nan")]}), tmp_path / "nan.parquet"
+    )
+    with pytest.raises(WeightsError, match="non-finite or negative"):
+        train(cfg_for(world, tmp_path / "o", weights=str(tmp_path / "nan.parquet")))
+    (tmp_path / "ids.txt").write_text("s1\nzz\n")
+    with pytest.raises(TrainError, match="1 id\\(s\\) are not in"):
+        train(cfg_for(world, tmp_path / "o", subset=str(tmp_path / "ids.txt")))
+    assert not (tmp_path / "o").exists()  # nothing started
+
+
+def test_config_rules():
+    with pytest.raises(ValueError, match="needs weights"):
+        TrainConfig(model="m", data=DataConfig(path="d"), out="o", method="atlantis")
+    cfg = TrainConfig(model="m", data=DataConfig(path="d"), out="o", method="sft", preset="paper-72b")
+    assert (cfg.max_steps, cfg.per_device_batch_size, cfg.learning_rate, cfg.grad_accum, cfg.warmup_steps) == (
+        15_000,
+        1,
+        5e-7,
+        4,
+        1_500,
+    )
+
+
+def launch(cmd_prefix, world, out, extra=()):
+    cmd = [
+        *cmd_prefix,
+        "train",
+        f"model={world['model']}",
+        f"data={world['data']}",
+        f"out={out}",
+        "method=atlantis",
+        f"weights={world['weights']}",
+        "max_steps=2",
+        "per_device_batch_size=4",
+        "grad_accum=1",
+        "learning_rate=1e-3",
+        "logging_steps=1",
+        "max_grad_norm=1e9",
+        "resume=none",
+        *extra,
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TORCH_EXTENSIONS_DIR": os.environ.get(
+            "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "atlantis" / "torch_extensions")
+        ),
+    }
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [h for h in json.loads((Path(out) / "train_record.json").read_text())["log_history"] if "loss" in h]
+
+
+def torchrun() -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "atlantis.cli",
+    ]
+
+
+def deepspeed_launcher() -> list[str]:
+    bin_dir = Path(sys.executable).parent
+    return [
+        str(bin_dir / "deepspeed"),
+        "--num_gpus",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(bin_dir / "atlantis"),
+    ]
+
+
+def accelerate_launcher() -> list[str]:
+    return [
+        str(Path(sys.executable).parent / "accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--main_process_ip",
+        "127.0.0.1",
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "atlantis.cli",
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("launcher", "deepspeed"),
+    [
+        (torchrun, None),
+        (torchrun, "zero2"),
+        (torchrun, "zero3"),
+        (deepspeed_launcher, "zero3"),
+        (accelerate_launcher, None),
+    ],
+    ids=["torchrun", "torchrun-zero2", "torchrun-zero3", "deepspeed-zero3", "accelerate"],
+)
+def test_two_processes_equal_one_with_weights(world, tmp_path, launcher, deepspeed):
+    one = run_and_capture(world, tmp_path / "one", max_steps=2, per_device_batch_size=4, grad_accum=2)[0]
+    extra = [f"deepspeed={deepspeed}"] if deepspeed else []
+    two = launch(launcher(), world, tmp_path / "two", extra)
+    assert len(two) == len(one) == 2
+    for a, b in zip(one, two):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    record = json.loads((tmp_path / "two" / "train_record.json").read_text())
+    assert record["world_size"] == 2
+    p1 = AutoModelForCausalLM.from_pretrained(tmp_path / "one" / "final").state_dict()
+    p2 = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "final").state_dict()
+    for k in p1:
+        assert torch.allclose(p1[k], p2[k], atol=1e-5), k
+
+
+def test_resume_with_other_settings_is_refused(world, tmp_path):
+    run_and_capture(world, tmp_path / "r", max_steps=2, per_device_batch_size=4, save_steps=1)
+    with pytest.raises(TrainError, match=r"other settings \(\['learning_rate'\]\)"):
+        train(cfg_for(world, tmp_path / "r", max_steps=2, per_device_batch_size=4, resume="auto", learning_rate=5e-4))
+
+
+def test_lora_run_saves_a_merged_model(world, tmp_path):
+    from atlantis.train import LoraConfig
+
+    _, _, _ = run_and_capture(world, tmp_path / "l", max_steps=1, lora=LoraConfig(enabled=True, r=4, alpha=8))
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "l" / "final").state_dict()
+    base = AutoModelForCausalLM.from_pretrained(world["model"]).state_dict()
+    assert set(merged) == set(base)  # no adapter keys left
+    changed = [k for k in base if not torch.equal(base[k], merged[k])]
+    assert changed and all("proj" in k for k in changed)  # only the adapted projections moved
