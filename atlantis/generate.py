@@ -35,7 +35,7 @@ from typing import Any, Literal
 from tqdm.auto import tqdm
 
 from atlantis.config import field
-from atlantis.data import DataError
+from atlantis.data import DataError, _iter_json, _iter_jsonl
 from atlantis.log import get_logger
 from atlantis.models import check_model_source
 from atlantis.proxy import LogitDecoder, ProxyModel, SingleModel
@@ -162,26 +162,10 @@ class Question:
 
 
 def _records(path: Path) -> Iterator[tuple[str, Any]]:
+    """(file:line, record) pairs of a JSONL or JSON questions file, through the data layer's readers."""
     if not path.is_file():
         raise DataError(f"{path}: questions file does not exist")
-    if path.suffix == ".json":
-        try:
-            obj = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno})") from err
-        if not isinstance(obj, list):
-            raise DataError(f"{path}: expected a JSON list of questions")
-        for i, rec in enumerate(obj):
-            yield f"{path}[{i}]", rec
-        return
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield f"{path}:{lineno}", json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno})") from err
+    yield from (_iter_json(path) if path.suffix == ".json" else _iter_jsonl(path))
 
 
 def parse_question(rec: Any, where: str) -> Question:

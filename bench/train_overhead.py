@@ -93,20 +93,16 @@ def load(model_dir: str, threads: int):
     return model.train()
 
 
-def _child(model_dir, batch, variant, chunk, threads, queue):
-    """Peak RSS the step adds above the warmed-up model, sampled every 2 ms by a thread (ru_maxrss would be
-    dominated by model loading)."""
+def peak_rss_above(fn) -> float:
+    """MB of RSS that `fn()` adds at its peak, sampled every 2 ms by a thread (ru_maxrss would be dominated
+    by model loading)."""
     import threading
 
     import psutil
 
-    model = load(model_dir, threads)
-    step(model, batch, variant, chunk)  # warm-up: allocator pools and oneDNN scratch exist before we measure
-    model.zero_grad(set_to_none=True)
     proc = psutil.Process()
     before = proc.memory_info().rss
-    peak = [before]
-    done = threading.Event()
+    peak, done = [before], threading.Event()
 
     def sample():
         while not done.is_set():
@@ -115,18 +111,22 @@ def _child(model_dir, batch, variant, chunk, threads, queue):
 
     thread = threading.Thread(target=sample)
     thread.start()
-    step(model, batch, variant, chunk)
+    fn()
     done.set()
     thread.join()
-    queue.put((peak[0] - before) / 2**20)
+    return (peak[0] - before) / 2**20
+
+
+def _step_child(model_dir, batch, variant, chunk, threads, queue):
+    """Peak RSS one training step adds above the warmed-up model."""
+    model = load(model_dir, threads)
+    step(model, batch, variant, chunk)  # warm-up: allocator pools and oneDNN scratch exist before we measure
+    model.zero_grad(set_to_none=True)
+    queue.put(peak_rss_above(lambda: step(model, batch, variant, chunk)))
 
 
 def _loss_child(model_dir, tokens, variant, chunk, threads, queue):
-    """The loss alone on `tokens` response positions of random hidden states: LM head, log-softmax, backward."""
-    import threading
-
-    import psutil
-
+    """Peak RSS of the loss alone on `tokens` response positions of random hidden states (head, softmax, backward)."""
     from atlantis.train import LOSS_LOGITS_BUDGET, _chunk_nll
 
     model = load(model_dir, threads)
@@ -140,50 +140,23 @@ def _loss_child(model_dir, tokens, variant, chunk, threads, queue):
         if variant == "stock":  # full logits, upcast, cross-entropy: what the model's own loss does
             loss = torch.nn.functional.cross_entropy(head(hidden).float(), targets)
         else:
-            loss = (
-                sum(
-                    torch.utils.checkpoint.checkpoint(
-                        _chunk_nll, hidden[s : s + rows], targets[s : s + rows], head, config, use_reentrant=False
-                    ).sum()
-                    for s in range(0, tokens, rows)
-                )
-                / tokens
+            parts = (
+                torch.utils.checkpoint.checkpoint(
+                    _chunk_nll, hidden[s : s + rows], targets[s : s + rows], head, config, use_reentrant=False
+                ).sum()
+                for s in range(0, tokens, rows)
             )
+            loss = sum(parts) / tokens
         loss.backward()
-        hidden.grad = None
-        head.weight.grad = None
 
-    proc = psutil.Process()
-    before = proc.memory_info().rss
-    peak, done = [before], threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            time.sleep(0.002)
-
-    thread = threading.Thread(target=sample)
-    thread.start()
-    run()
-    done.set()
-    thread.join()
-    queue.put((peak[0] - before) / 2**20)
+    queue.put(peak_rss_above(run))
 
 
-def loss_peak_mb(model_dir, tokens, variant, chunk, threads) -> float:
+def in_child(target, *args) -> float:
+    """Run `target(*args, queue)` in a fresh spawned process, so that its peak RSS is its own."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_loss_child, args=(model_dir, tokens, variant, chunk, threads, queue))
-    proc.start()
-    out = queue.get()
-    proc.join()
-    return out
-
-
-def peak_mb(model_dir, batch, variant, chunk, threads) -> float:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(model_dir, batch, variant, chunk, threads, queue))
+    proc = ctx.Process(target=target, args=(*args, queue))
     proc.start()
     out = queue.get()
     proc.join()
@@ -233,13 +206,13 @@ def main() -> None:
         "loss_ours": losses["ours"],
         "full_logits_fp32_mb": batch["input_ids"].numel() * vocab * 4 / 2**20,
         **{
-            f"peak_rss_above_model_mb_{v}": peak_mb(model_dir, batch, v, args.chunk, args.threads)
+            f"peak_rss_above_model_mb_{v}": in_child(_step_child, model_dir, batch, v, args.chunk, args.threads)
             for v in ("stock", "ours")
         },
         "loss_only_tokens": args.loss_tokens,
         "loss_only_full_logits_fp32_mb": args.loss_tokens * vocab * 4 / 2**20,
         **{
-            f"loss_only_peak_mb_{v}": loss_peak_mb(model_dir, args.loss_tokens, v, args.chunk, args.threads)
+            f"loss_only_peak_mb_{v}": in_child(_loss_child, model_dir, args.loss_tokens, v, args.chunk, args.threads)
             for v in ("stock", "ours")
         },
     }
