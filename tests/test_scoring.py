@@ -1,14 +1,13 @@
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import SAMPLES, free_port, write_jsonl
+from conftest import SAMPLES, torchrun, write_jsonl
 
 import atlantis.scoring as scoring
 from atlantis.data import DataConfig, load_samples
@@ -187,17 +186,7 @@ def test_torchrun_two_processes_equal_one(models, big_data, tmp_path):
     one = run(models["llama"], big_data, tmp_path / "one.parquet", shard_size=3)
     out = tmp_path / "two.parquet"
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-        "-m",
-        "atlantis.cli",
+        *torchrun(),
         "score",
         f"model={models['llama']}",
         "role=small",

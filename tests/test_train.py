@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import free_port, write_jsonl
+from conftest import free_port, torchrun, write_jsonl
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 from atlantis.data import DataConfig
@@ -225,22 +225,6 @@ def launch(cmd_prefix, world, out, extra=()):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [h for h in json.loads((Path(out) / "train_record.json").read_text())["log_history"] if "loss" in h]
-
-
-def torchrun() -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-        "-m",
-        "atlantis.cli",
-    ]
 
 
 def deepspeed_launcher() -> list[str]:
