@@ -83,6 +83,30 @@ def _generate(cfg):
     return generate(cfg)
 
 
+def _world_build_cfg():
+    from atlantis.world.build import BuildConfig
+
+    return BuildConfig
+
+
+def _world_build(cfg):
+    from atlantis.world.build import build
+
+    return build(cfg)
+
+
+def _world_experiment_cfg():
+    from atlantis.world.experiment import ExperimentConfig
+
+    return ExperimentConfig
+
+
+def _world_experiment(cfg):
+    from atlantis.world.experiment import run
+
+    return run(cfg)
+
+
 VERBS: dict[str, Verb] = {
     "score": Verb(
         "Score responses: log p(y|x) of every sample under one model, as Parquet keyed by id.",
@@ -114,6 +138,18 @@ VERBS: dict[str, Verb] = {
         _generate,
         "atlantis generate model=runs/atl/final questions=question.jsonl out=answers/atl.jsonl",
     ),
+    "world build": Verb(
+        "Build the tiny world: its data sets and model families (pre-training, reference tuning), checksummed.",
+        _world_build_cfg,
+        _world_build,
+        "atlantis world build out=results/tiny/world",
+    ),
+    "world experiment": Verb(
+        "Run SFT vs ATLANTIS with controls over seeds on the tiny world; write the table with paired CIs.",
+        _world_experiment_cfg,
+        _world_experiment,
+        "atlantis world experiment world=results/tiny/world out=results/tiny seeds=0,1,2",
+    ),
 }
 
 
@@ -135,9 +171,20 @@ def build_parser() -> argparse.ArgumentParser:
     # The `deepspeed` launcher passes --local_rank=N before the verb; LOCAL_RANK in the environment is used.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="verb", required=True)
+    groups: dict[str, argparse._SubParsersAction] = {}
     for name, verb in VERBS.items():
-        p = sub.add_parser(
-            name,
+        target, leaf = sub, name
+        if " " in name:  # a verb group, e.g. `atlantis world build`
+            group, leaf = name.split(" ", 1)
+            if group not in groups:
+                g = sub.add_parser(
+                    group,
+                    help=f"{group} verbs: " + ", ".join(v.split(" ", 1)[1] for v in VERBS if v.startswith(group + " ")),
+                )
+                groups[group] = g.add_subparsers(dest="subverb", required=True)
+            target = groups[group]
+        p = target.add_parser(
+            leaf,
             help=verb.summary,
             description=verb.summary,
             epilog=_epilog(verb),
@@ -152,11 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
-    verb = VERBS[args.verb]
+    name = f"{args.verb} {args.subverb}" if getattr(args, "subverb", None) else args.verb
+    verb = VERBS[name]
     try:
         cfg = config_lib.load(verb.config(), args.config, args.overrides, section=args.section)
     except (config_lib.ConfigError, ValueError) as err:
-        log.error("bad settings for `atlantis %s`: %s", args.verb, err)
+        log.error("bad settings for `atlantis %s`: %s", name, err)
         return 2
     try:
         verb.run(cfg)

@@ -62,6 +62,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         (inner, *_) = typing.get_args(tp) or (Any,)
         if isinstance(value, str):
             value = [v for v in value.split(",") if v]
+        elif isinstance(value, (int, float)) and origin is list:  # `seeds=0` on the command line: one item
+            value = [value]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         items = [_coerce(v, inner, key) for v in value]

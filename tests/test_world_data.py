@@ -18,7 +18,7 @@ def test_fact_splits_are_disjoint_and_complete():
     assert len(facts) == 40 * len(ATTRIBUTES)
     assert len({(f.entity, f.attribute) for f in facts}) == len(facts)
     counts = Counter(f.split for f in facts)
-    assert counts["eval"] == int(len(facts) * 0.2) and counts["dev"] > 0 and counts["curated"] > 0
+    assert counts["eval"] == int(len(facts) * SMALL.split[0]) and counts["dev"] > 0 and counts["curated"] > 0
     assert all(f.misconception != f.value for f in facts)
 
 
@@ -88,3 +88,68 @@ def test_truthfulqa_schema():
 )
 def test_grading(answer, truth, ok):
     assert grade(answer, truth) is ok
+
+
+def test_p_star_and_p_d_normalise():
+    from atlantis.world.data import p_d, p_star
+
+    cfg = WorldConfig()
+    for f in make_facts(SMALL)[:30]:
+        assert p_star(f) == {f" {f.value}.": 1.0}
+        probs = p_d(f, cfg)
+        assert sum(probs.values()) == pytest.approx(1.0)
+        assert set(probs) == {f" {v}." for v in ATTRIBUTES[f.attribute]}
+        if f.misconception:
+            assert probs[f" {f.misconception}."] == pytest.approx(0.6) and probs[f" {f.value}."] == pytest.approx(0.3)
+        else:
+            assert probs[f" {f.value}."] == pytest.approx(0.8)
+
+
+def test_d_follows_p_d():
+    """D's empirical answer frequencies match p_d, pooled over facts by kind of answer."""
+    cfg = WorldConfig(n_entities=200, sft_sums=10)
+    sets = build_sets(cfg)
+    facts = {f.question: f for f in make_facts(cfg)}
+    kinds = Counter()
+    for r in sets["sft"]:
+        f = facts.get(r["conversations"][0]["value"])
+        if f is None:
+            continue
+        a = r["conversations"][1]["value"]
+        kinds[("mis" if f.misconception else "normal", "true" if a == f" {f.value}." else "other")] += 1
+    mis_true = kinds[("mis", "true")] / (kinds[("mis", "true")] + kinds[("mis", "other")])
+    normal_true = kinds[("normal", "true")] / (kinds[("normal", "true")] + kinds[("normal", "other")])
+    assert mis_true == pytest.approx(0.3, abs=0.03) and normal_true == pytest.approx(0.8, abs=0.03)
+
+
+def test_held_out_sums_are_nowhere_in_training_text():
+    sets = build_sets(SMALL)
+    stated = {line[3:].rsplit(" ", 1)[0] for line in sets["corpus"]}
+    asked = {r["conversations"][0]["value"][3:] for r in sets["sft"] + sets["curated"]}
+    for rec in sets["eval_skill"] + sets["dev_skill"]:
+        assert rec["question"][3:] not in stated | asked
+    # every other pair is stated, correctly, in the corpus
+    n_stated = sum(1 for line in sets["corpus"] if "+" in line)
+    assert n_stated == (SMALL.sum_max + 1) ** 2 - 2 * SMALL.eval_sums
+
+
+def test_judged_sets_ask_only_held_out_facts(tmp_path):
+    from atlantis.world.data import write_sets
+
+    sets = build_sets(SMALL)
+    split = {f"Q: {f['entity']} {f['attribute']}?": f for f in sets["facts"]}
+    for q in sets["eval_open"] + sets["eval_mtbench"]:
+        assert len(q["turns"]) == len(q["reference"]) == len(q["misconception"])
+        for turn, ref in zip(q["turns"], q["reference"]):
+            if q["category"] == "knowledge":
+                assert split[turn]["split"] == "eval" and split[turn]["value"] == ref
+            else:
+                a, b = turn[3:-1].split(" + ")
+                assert int(a) + int(b) == int(ref)
+    assert {len(q["turns"]) for q in sets["eval_mtbench"]} == {2}
+    assert len(sets["eval_alpaca"]) == len(sets["eval_open"])
+    paths = write_sets(sets, tmp_path)
+    assert paths["corpus"].read_text().splitlines() == sets["corpus"]
+    from atlantis.generate import load_questions
+
+    assert len(load_questions(paths["eval_mtbench"])) == len(sets["eval_mtbench"])
