@@ -63,6 +63,8 @@ def test_mc_scores_match_hand_computation():
     assert mc1 == 0.0 and mc2 == pytest.approx(0.3 / 0.6)
     mc1, _ = metrics.mc_scores([-0.1, -2.0], [0.0, 0.0], [1, 0])
     assert mc1 == 1.0
+    # far-below-zero log-likelihoods (long answers) must not underflow
+    assert metrics.mc_scores([-900.0, -901.0], [-900.0, -901.0], [1, 0])[1] == pytest.approx(1 / (1 + np.exp(-1)))
 
 
 def test_paired_ci():
@@ -125,9 +127,12 @@ def test_reduced_experiment_produces_every_metric(world, tmp_path):
     p = pd.read_parquet(work / "control_permuted-seed0.parquet")
     assert sorted(a["weight"]) == pytest.approx(sorted(p["weight"])) and list(a["id"]) == list(p["id"])
     assert not np.allclose(a["weight"], p["weight"])
-    # resuming does no work twice
+    # resuming does no work twice; other fine-tuning settings are refused, not mixed in
     again = run(cfg)
     assert len(again) == len(runs)
+    cfg.finetune.learning_rate = 1e-3
+    with pytest.raises(ValueError, match="other fine-tuning settings"):
+        run(cfg)
 
 
 def test_oracle_weights_are_p_star_over_p_d(world):
@@ -148,6 +153,8 @@ def test_auc():
     assert auc(np.array([2.0, 3.0]), np.array([1.0])) == 1.0
     assert auc(np.array([1.0]), np.array([1.0])) == 0.5
     assert auc(np.array([0.0, 2.0]), np.array([1.0])) == 0.5
+    with pytest.raises(ValueError):
+        auc(np.array([1.0]), np.array([]))
 
 
 SHIPPED = __import__("pathlib").Path(__file__).parents[1] / "results" / "tiny" / "world"
@@ -178,3 +185,16 @@ def test_reduced_experiment_on_the_shipped_world(tmp_path):
     # the fixed models: the large base knows more than the small ones
     fixed = runs.set_index("arm")
     assert fixed.loc["p_L", "truth_em_unseen"] > fixed.loc["p_S", "truth_em_unseen"]
+    # real generations reach the judge whole (an answer, its full stop, EOS), so a 10 is possible
+    answers = tmp_path / "work" / "lumi-large" / "answers" / "p_L" / "eval_open.jsonl"
+    texts = [t for line in answers.read_text().splitlines() for t in json.loads(line)["choices"][0]["turns"]]
+    assert sum(metrics.well_formed(t) for t in texts) > len(texts) / 2
+
+
+def test_experiment_config_is_checked():
+    with pytest.raises(ValueError, match="include atlantis"):
+        ExperimentConfig(arms=["sft", "control_permuted"])
+    with pytest.raises(ValueError, match="unknown arms"):
+        ExperimentConfig(arms=["sft", "nope"])
+    with pytest.raises(ValueError, match="include sft"):
+        ExperimentConfig(arms=["atlantis"])

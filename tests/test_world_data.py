@@ -124,13 +124,21 @@ def test_d_follows_p_d():
 
 def test_held_out_sums_are_nowhere_in_training_text():
     sets = build_sets(SMALL)
-    stated = {line[3:].rsplit(" ", 1)[0] for line in sets["corpus"]}
-    asked = {r["conversations"][0]["value"][3:] for r in sets["sft"] + sets["curated"]}
-    for rec in sets["eval_skill"] + sets["dev_skill"]:
-        assert rec["question"][3:] not in stated | asked
+
+    def pair(text: str) -> tuple[int, int]:  # "12 + 30?" -> (12, 30), order-free
+        a, b = text.split("?")[0].split(" + ")
+        return min(int(a), int(b)), max(int(a), int(b))
+
+    sums = [line[3:] for line in sets["corpus"] if "+" in line]
+    sums += [
+        r["conversations"][0]["value"][3:] for r in sets["sft"] + sets["curated"] if "+" in r["id"] or "sum" in r["id"]
+    ]
+    seen = {pair(t) for t in sums}
+    held = [pair(rec["question"][3:]) for rec in sets["eval_skill"] + sets["dev_skill"]]
+    assert not seen & set(held) and len(set(held)) == len(held)  # in neither order, and no twin within them
     # every other pair is stated, correctly, in the corpus
-    n_stated = sum(1 for line in sets["corpus"] if "+" in line)
-    assert n_stated == (SMALL.sum_max + 1) ** 2 - 2 * SMALL.eval_sums
+    ordered = sum(2 if a != b else 1 for a, b in held)
+    assert len([line for line in sets["corpus"] if "+" in line]) == (SMALL.sum_max + 1) ** 2 - ordered
 
 
 def test_judged_sets_ask_only_held_out_facts(tmp_path):

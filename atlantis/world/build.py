@@ -105,6 +105,44 @@ def tune_reference(base: Path, data: Path, out: Path, cfg: ReferenceConfig, seed
     return out
 
 
+REFERENCES = (("ref", "curated.jsonl"), ("ref-d", "sft.jsonl"))
+
+
+def _reference_origin(cfg: BuildConfig, base: Path, data_sha: str) -> dict:
+    return {
+        "base_sha256": sha256(base / "model.safetensors"),
+        "data_sha256": data_sha,
+        "recipe": config_lib.to_dict(cfg.reference),
+    }
+
+
+def _check_kept(cfg: BuildConfig, root: Path, recorded: dict, corpus_hash: dict, data_sha: dict) -> None:
+    """Raise if a model this build would keep (force=false) was made from another world or recipe."""
+    if cfg.force:
+        return
+    for family in cfg.families:
+        sizes = [s for s in cfg.sizes if s in M.FAMILIES[family]["sizes"]]
+        for size in sizes:
+            corpus_name = "corpus_small" if size == "small" else "corpus"
+            name = f"{family}-{size}"
+            if (root / "models" / name).is_dir() and recorded.get(name, {}).get("corpus_sha256") != corpus_hash[
+                corpus_name
+            ]:
+                raise RuntimeError(
+                    f"{root / 'models' / name} was pre-trained on another corpus than this world config makes; "
+                    "rebuild with force=true (or use another out); nothing was changed"
+                )
+        for name, data in REFERENCES:
+            folder = root / "models" / f"{family}-small-{name}"
+            if folder.is_dir():
+                want = _reference_origin(cfg, root / "models" / f"{family}-small", data_sha[data])
+                if recorded.get(folder.name, {}) != want:
+                    raise RuntimeError(
+                        f"{folder} was tuned from another base, data set or recipe; rebuild with force=true; "
+                        "nothing was changed"
+                    )
+
+
 def build(cfg: BuildConfig) -> dict:
     """Write data/ and models/ under cfg.out and a manifest with checksums and timings; returns the manifest."""
     torch.set_num_threads(cfg.threads)
@@ -112,25 +150,39 @@ def build(cfg: BuildConfig) -> dict:
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     sets = build_sets(cfg.world)
-    write_sets(sets, root / "data")
-    timings["data"] = time.perf_counter() - t0
+    manifest_path = root / "manifest.json"
+    prior = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     manifest_models = {}
+    corpus_hash = {
+        name: hashlib.sha256("\n".join(sets[name]).encode()).hexdigest() for name in ("corpus", "corpus_small")
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        write_sets(sets, tmp)
+        data_sha = {p.name: sha256(p) for p in Path(tmp).iterdir()}
+        # every kept model must come from this world: checked before anything in `root` is touched
+        _check_kept(cfg, root, prior.get("models", {}), corpus_hash, data_sha)
+        shutil.copytree(tmp, root / "data", dirs_exist_ok=True)
+    timings["data"] = time.perf_counter() - t0
     for family in cfg.families:
         spec = M.FAMILIES[family]
         tok = M.build_tokenizer(family, sets["corpus"])
         for size in [s for s in cfg.sizes if s in spec["sizes"]]:
             folder = root / "models" / f"{family}-{size}"
+            # the small models read only the facts they are meant to know (WorldConfig.small_known)
+            corpus_name = "corpus_small" if size == "small" else "corpus"
             if folder.is_dir() and not cfg.force:
                 log.info("%s exists: kept (force=true rebuilds)", folder)
                 continue
             t = time.perf_counter()
             model = M.build_model(family, size, tok, seed=cfg.pretrain.seed)
-            # the small models read only the facts they are meant to know (WorldConfig.small_known)
-            lines = sets["corpus_small"] if size == "small" else sets["corpus"]
-            losses = M.pretrain(model, tok, lines, cfg.pretrain)
+            losses = M.pretrain(model, tok, sets[corpus_name], cfg.pretrain)
             M.save(model, tok, folder, instruct=False)
             timings[f"{family}-{size}"] = time.perf_counter() - t
-            manifest_models[f"{family}-{size}"] = {"params": M.n_params(model), "final_loss": losses[-1]}
+            manifest_models[f"{family}-{size}"] = {
+                "params": M.n_params(model),
+                "final_loss": losses[-1],
+                "corpus_sha256": corpus_hash[corpus_name],
+            }
             log.info(
                 "%s-%s: %d params, loss %.3f, %.0f s",
                 family,
@@ -140,15 +192,16 @@ def build(cfg: BuildConfig) -> dict:
                 timings[f"{family}-{size}"],
             )
         # p_r on the curated set, and control 1's reference on D itself (same recipe)
-        for name, data in (("ref", "curated.jsonl"), ("ref-d", "sft.jsonl")):
+        for name, data in REFERENCES:
             folder = root / "models" / f"{family}-small-{name}"
+            base = root / "models" / f"{family}-small"
+            made_from = _reference_origin(cfg, base, data_sha[data])
             if folder.is_dir() and not cfg.force:
                 continue
             t = time.perf_counter()
-            tune_reference(
-                root / "models" / f"{family}-small", root / "data" / data, folder, cfg.reference, cfg.pretrain.seed
-            )
+            tune_reference(base, root / "data" / data, folder, cfg.reference, cfg.pretrain.seed)
             timings[f"{family}-small-{name}"] = time.perf_counter() - t
+            manifest_models[f"{family}-small-{name}"] = made_from
     manifest = {
         "config": config_lib.to_dict(cfg),
         "torch": torch.__version__,
@@ -157,12 +210,10 @@ def build(cfg: BuildConfig) -> dict:
         "models": manifest_models,
         "sha256": checksums(root),
     }
-    old = root / "manifest.json"
-    if old.is_file():  # models kept from an earlier build keep their record
-        prior = json.loads(old.read_text())
-        manifest["timings_s"] = {**prior.get("timings_s", {}), **timings}
-        manifest["models"] = {**prior.get("models", {}), **manifest_models}
-    old.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    # models kept from an earlier build keep their record
+    manifest["timings_s"] = {**prior.get("timings_s", {}), **timings}
+    manifest["models"] = {**prior.get("models", {}), **manifest_models}
+    manifest_path.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     if cfg.check:
         compare(manifest["sha256"], json.loads(Path(cfg.check).read_text())["sha256"])
     return manifest

@@ -83,8 +83,8 @@ class WorldConfig:
             raise ValueError("split shares must be >= 0 and leave some facts for D")
         if sum(self.p_d_misconception) > 1:
             raise ValueError("p_d_misconception probabilities exceed 1")
-        if self.sft_sums + 2 * self.eval_sums > (self.sum_max + 1) ** 2:
-            raise ValueError("sft_sums + 2 * eval_sums exceed the number of distinct sums")
+        if self.sft_sums + 2 * self.eval_sums > (self.sum_max + 1) * (self.sum_max + 2) // 2:
+            raise ValueError("sft_sums + 2 * eval_sums exceed the number of distinct (unordered) sums")
 
 
 @dataclass(frozen=True)
@@ -163,13 +163,20 @@ def corpus(cfg: WorldConfig, facts: list[Fact], sums: list[tuple[int, int]] = ()
     return lines
 
 
+def _unordered(pairs) -> set[tuple[int, int]]:
+    return {(min(a, b), max(a, b)) for a, b in pairs}
+
+
 def _sums(rng: random.Random, n: int, exclude: set[tuple[int, int]], top: int) -> list[tuple[int, int]]:
+    """n sums whose pair, in either order, is not in `exclude` nor drawn twice: a + b and b + a are one question
+    (a held-out sum whose swapped twin is in the corpus could be recalled, not computed)."""
     out: list[tuple[int, int]] = []
-    seen = set(exclude)
+    seen = _unordered(exclude)
     while len(out) < n:
         pair = (rng.randint(0, top), rng.randint(0, top))
-        if pair not in seen:
-            seen.add(pair)
+        key = (min(pair), max(pair))
+        if key not in seen:
+            seen.add(key)
             out.append(pair)
     return out
 
@@ -207,8 +214,10 @@ def build_sets(cfg: WorldConfig) -> dict[str, list]:
     train_sums = _sums(rng, cfg.sft_sums, set(), cfg.sum_max)
     eval_sums = _sums(rng, cfg.eval_sums, set(train_sums), cfg.sum_max)
     dev_sums = _sums(rng, cfg.eval_sums, set(train_sums) | set(eval_sums), cfg.sum_max)
-    held_out = set(eval_sums) | set(dev_sums)
-    corpus_sums = [(a, b) for a in range(cfg.sum_max + 1) for b in range(cfg.sum_max + 1) if (a, b) not in held_out]
+    held_out = _unordered(eval_sums + dev_sums)
+    corpus_sums = [
+        (a, b) for a in range(cfg.sum_max + 1) for b in range(cfg.sum_max + 1) if (min(a, b), max(a, b)) not in held_out
+    ]
 
     sft = []
     for f in (f for f in facts if f.split == "train"):

@@ -19,6 +19,7 @@ Every arm is compared with SFT by the paired difference over seeds, with a 95% t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -88,6 +89,8 @@ class ExperimentConfig:
             raise ValueError(f"no model {self.family}-{self.large} in the world's families")
         if not self.seeds:
             raise ValueError("seeds must not be empty")
+        if "control_permuted" in self.arms and "atlantis" not in self.arms:
+            raise ValueError("control_permuted permutes the atlantis arm's weights: include atlantis")
 
 
 def _model(cfg: ExperimentConfig, suffix: str) -> Path:
@@ -187,12 +190,31 @@ def _done(path: Path) -> dict[tuple[str, str], dict]:
     return {(r["arm"], str(r["seed"])): r for r in rows}
 
 
+def _check_settings(cfg: ExperimentConfig, work: Path) -> None:
+    """Resume only work done under the same world and fine-tuning settings; refuse to mix, never delete."""
+    manifest = Path(cfg.world) / "manifest.json"
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{manifest}: no such file; run `atlantis world build` first")
+    current = {
+        "world_sha256": json.loads(manifest.read_text())["sha256"],
+        "finetune": dataclasses.asdict(cfg.finetune),
+    }
+    path = work / "settings.json"
+    if path.is_file() and json.loads(path.read_text()) != current:
+        raise ValueError(
+            f"{work} holds runs made with another world or other fine-tuning settings; they are kept. "
+            "Use another out, or delete that folder to start over."
+        )
+    path.write_text(json.dumps(current, indent=1, sort_keys=True))
+
+
 def run(cfg: ExperimentConfig) -> pd.DataFrame:
     """Run (or resume) every arm over every seed; write runs.jsonl, the table and its CSV; return all runs."""
     torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     work = out / "work" / f"{cfg.family}-{cfg.large}"
     work.mkdir(parents=True, exist_ok=True)
+    _check_settings(cfg, work)
     runs_path = work / "runs.jsonl"
     done = _done(runs_path)
     t0 = time.perf_counter()
@@ -222,7 +244,10 @@ def run(cfg: ExperimentConfig) -> pd.DataFrame:
             if not cfg.keep_models:
                 shutil.rmtree(run_dir)
     timings["total_s"] = time.perf_counter() - t0
-    runs = pd.DataFrame([r for r in done.values()])
+    # the table reports exactly the configured arms and seeds (runs.jsonl may hold more from earlier calls)
+    wanted = set(cfg.arms) | set(FIXED)
+    seeds = {str(s) for s in cfg.seeds} | {"-"}
+    runs = pd.DataFrame([r for r in done.values() if r["arm"] in wanted and str(r["seed"]) in seeds])
     wdiag = weight_diagnostics(cfg, weights)
     write_table(cfg, runs, wdiag, timings, assumption_check(cfg, work))
     return runs
@@ -312,6 +337,8 @@ def weight_diagnostics(cfg: ExperimentConfig, weights: dict[str, Path]) -> pd.Da
 
 def auc(pos: np.ndarray, neg: np.ndarray) -> float:
     """P(a random correct sample outweighs a random wrong one), ties counting half (Mann-Whitney)."""
+    if len(pos) == 0 or len(neg) == 0:
+        raise ValueError("AUC needs both correct and wrong samples")
     ranks = pd.Series(np.concatenate([pos, neg])).rank().to_numpy()
     return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
 
@@ -336,7 +363,14 @@ def assumption_check(cfg: ExperimentConfig, work: Path) -> dict[str, float]:
     return out
 
 
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+# Student-t 0.975 quantiles by degrees of freedom; beyond 30 the df=30 value (2.042) is used, slightly wide.
+T975 = dict(
+    enumerate(
+        [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131]
+        + [2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042],
+        start=1,
+    )
+)
 
 
 def paired_ci(diffs: np.ndarray) -> tuple[float, float, float]:
@@ -345,7 +379,7 @@ def paired_ci(diffs: np.ndarray) -> tuple[float, float, float]:
     mean = float(np.mean(diffs))
     if n < 2:
         return mean, math.nan, math.nan
-    half = T975.get(n - 1, 1.96) * float(np.std(diffs, ddof=1)) / math.sqrt(n)
+    half = T975[min(n - 1, 30)] * float(np.std(diffs, ddof=1)) / math.sqrt(n)
     return mean, mean - half, mean + half
 
 

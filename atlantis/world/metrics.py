@@ -86,7 +86,8 @@ def mc_scores(loglik_mc1: list[float], loglik_mc2: list[float], labels_mc2: list
     choices, normalised over all choices.
     """
     mc1 = float(int(np.argmax(loglik_mc1)) == 0)
-    p = np.exp(np.asarray(loglik_mc2, dtype=np.float64))
+    ll = np.asarray(loglik_mc2, dtype=np.float64)
+    p = np.exp(ll - ll.max())  # shifted: very unlikely choices must not underflow to 0/0
     true = np.asarray(labels_mc2) == 1
     mc2 = float(p[true].sum() / p.sum())
     return mc1, mc2
@@ -166,9 +167,8 @@ def evaluate(model_dir: str | Path, world_dir: str | Path, template: str, answer
             out=str(out),
             template=template,
             temperature=0.0,
-            max_new_tokens=8,
+            max_new_tokens=8,  # an answer is a word or a number, a full stop and EOS
             batch_size=64,
-            stop=["."],
             overwrite=True,
         )
         generate(cfg, decoder=SingleModel(model, tokenizer, template=template))
