@@ -1,0 +1,18 @@
+# ATLANTIS replication workflow: every paper experiment as rules (score -> weights / select -> train).
+# Default config: the tiny world (config/config.yaml); the paper: --configfile config/paper.yaml.
+
+
+# The default only when no --configfile is given: Snakemake would merge the two matrices otherwise.
+if not config:
+
+    configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/score.smk"
+include: "workflow/rules/train.smk"
+
+
+rule all:
+    input:
+        [f"{RESULTS}/runs/{run}/final" for run in RUNS],

@@ -1,0 +1,95 @@
+"""The Snakemake workflow: the paper's plan (dry-run) has exactly the paper's jobs; the tiny target runs."""
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+
+def _dry_run(*args: str, cwd: Path = ROOT) -> str:
+    out = subprocess.run(
+        [*SNAKEMAKE, "-n", "--printshellcmds", "--snakefile", str(ROOT / "Snakefile"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def _job_counts(text: str) -> dict[str, int]:
+    table = text[text.index("Job stats:") :]
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M) if m[1] != "total"}
+
+
+def test_paper_plan_has_the_papers_jobs():
+    text = _dry_run("--configfile", "config/paper.yaml")
+    # Table 2: 3 x {SFT, ATLANTIS}; Table 3: 2 models x 2 selectors x 3 rates x 2; Table 4: 2; Table 5: 2 x 2
+    assert _job_counts(text) == {"all": 1, "train": 36, "score": 18, "select": 12, "weights": 5}
+    scores = re.findall(r"atlantis score model=(\S+) role=\S+ data=\S+ out=\S+ ?(.*?) >", text)
+    assert len(scores) == 18 and len(set(scores)) == 18  # every scoring pass once
+    trains = re.findall(r"atlantis train .*", text)
+    assert sum("method=atlantis" in t for t in trains) == 3 + 12 + 2 + 2  # Tables 2, 3, 4, 5
+    assert sum("subset=" in t for t in trains) == 24
+    # Table 4: Qwen2-7B trained on Gemma2's weights and the reverse
+    assert any("model=Qwen/Qwen2-7B " in t and "weights/gemma2.parquet" in t for t in trains)
+    assert any("model=google/gemma-2-9b " in t and "weights/qwen2.parquet" in t for t in trains)
+
+
+def test_tiny_plan_is_the_same_matrix():
+    counts = _job_counts(_dry_run())
+    assert counts["train"] == 32 and counts["weights"] == 2
+
+
+def test_lint_is_clean():
+    out = subprocess.run(
+        [*SNAKEMAKE, "--lint", "--snakefile", str(ROOT / "Snakefile")], cwd=ROOT, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+
+
+def test_every_shipped_config_loads():
+    for path in (ROOT / "config").glob("*.yaml"):
+        cfg = yaml.safe_load(path.read_text())
+        assert {"profile", "sft", "families", "large", "experiments"} <= set(cfg), path
+        for large in cfg["large"].values():
+            assert large["family"] in cfg["families"] and large["preset"] in cfg["presets"]
+
+
+@pytest.mark.slow
+def test_tiny_target_runs_locally(tmp_path):
+    """Score -> weights -> ATLANTIS training of one tiny run, through Snakemake with 2 cores."""
+    cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    world = ROOT / "results" / "tiny" / "world"
+    for fam in cfg["families"].values():
+        for k in fam:
+            fam[k] = str(ROOT / fam[k])
+    for large in cfg["large"].values():
+        large["model"] = str(ROOT / large["model"])
+    cfg["sft"] = str(world / "data" / "sft.jsonl")
+    jinja = str(ROOT / "atlantis" / "world" / "qa.jinja")
+    cfg["score_extra"] = [f"render.template={jinja}"]
+    cfg["train_extra"] = [f"render.template={jinja}" if "template" in x else x for x in cfg["train_extra"]]
+    cfg["train_extra"].append("max_steps=3")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    target = "results/tiny/runs/lumi-large.atlantis/final"
+    out = subprocess.run(
+        [*SNAKEMAKE, target, "-c2", "--snakefile", str(ROOT / "Snakefile"), "--configfile", "config.yaml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**__import__("os").environ, "PATH": f"{Path(sys.executable).parent}:{__import__('os').environ['PATH']}"},
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert (tmp_path / target / "model.safetensors").is_file()
+    assert (tmp_path / "results" / "tiny" / "weights" / "lumi.parquet").is_file()
+    shutil.rmtree(tmp_path / "results")
