@@ -11,6 +11,7 @@ if not config:
 include: "workflow/rules/common.smk"
 include: "workflow/rules/score.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/plan.smk"
 
 
 rule all:

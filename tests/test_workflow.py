@@ -93,3 +93,28 @@ def test_tiny_target_runs_locally(tmp_path):
     assert (tmp_path / target / "model.safetensors").is_file()
     assert (tmp_path / "results" / "tiny" / "weights" / "lumi.parquet").is_file()
     shutil.rmtree(tmp_path / "results")
+
+
+def test_plan_counts_jobs_and_gpu_hours():
+    """`snakemake plan`: Table 6's GPUs x the config's runtimes, per rule, for the paper's 36 runs."""
+    out = subprocess.run(
+        [*SNAKEMAKE, "plan", "-c1", "--snakefile", str(ROOT / "Snakefile"), "--configfile", "config/paper.yaml"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = (ROOT / "results" / "paper" / "plan.md").read_text()
+    # 13B-class (16 GPUs x 24 h): 6 main + 24 selection + 2 cross; 72B (64 x 48 h): 2; 27B (32 x 36 h): 2
+    gpu_hours = 32 * 16 * 24 + 2 * 64 * 48 + 2 * 32 * 36
+    assert f"| train | 36 | 16, 32, 64 | {gpu_hours:,} |" in text
+    assert "| score | 18 | 1 | 108 |" in text
+
+
+def test_plan_table_rejects_negative_resources():
+    from atlantis.plan import plan_table
+
+    assert "| a | 2 | 1, 2 | 5 |" in plan_table([("a", 1, 1.0), ("a", 2, 2.0)], "x")
+    with pytest.raises(ValueError):
+        plan_table([("a", -1, 1.0)], "x")

@@ -21,6 +21,7 @@ def _large_runs():
                         "method": method,
                         "family": config["large"][large]["family"],
                         "subset": f"{RESULTS}/selection/{large}/{selector}-{rate}.parquet",
+                        "selector": selector,
                     }
     for large, family in exp["cross"].items():
         runs[f"{large}.atlantis.cross-{family}"] = {"large": large, "method": "atlantis", "family": family}
@@ -60,5 +61,23 @@ def train_settings(w, input):
     return " ".join(parts + config.get("train_extra", []))
 
 
+def preset_of(run, key):
+    return config["presets"][config["large"][RUNS[run]["large"]]["preset"]][key]
+
+
 def preset(w, key):
-    return config["presets"][config["large"][RUNS[w.run]["large"]]["preset"]][key]
+    return preset_of(w.run, key)
+
+
+# What the runs need, each once (the plan counts these; Snakemake derives the same jobs from the rules).
+WEIGHT_FAMILIES = sorted({r["family"] for r in RUNS.values() if r["method"] == "atlantis"})
+SELECTIONS = sorted({r["subset"] for r in RUNS.values() if "subset" in r})
+SCORE_PASSES = sorted(
+    {(f"{f}.{part}", "weights") for f in WEIGHT_FAMILIES for part in ("small", "ref")}
+    | {
+        (selection_scorer(r["large"], r["selector"]), kind)
+        for r in RUNS.values()
+        if "subset" in r
+        for kind in ("cond", "direct")
+    }
+)
