@@ -1,5 +1,6 @@
 """The Snakemake workflow: the paper's plan (dry-run) has exactly the paper's jobs; the tiny target runs."""
 
+import os
 import re
 import shutil
 import subprocess
@@ -64,9 +65,8 @@ def test_every_shipped_config_loads():
             assert large["family"] in cfg["families"] and large["preset"] in cfg["presets"]
 
 
-@pytest.mark.slow
-def test_tiny_target_runs_locally(tmp_path):
-    """Score -> weights -> ATLANTIS training of one tiny run, through Snakemake with 2 cores."""
+def _tiny_config(tmp_path: Path) -> None:
+    """config.yaml in tmp_path: the tiny profile with absolute paths and 3 training steps."""
     cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
     world = ROOT / "results" / "tiny" / "world"
     for fam in cfg["families"].values():
@@ -80,19 +80,61 @@ def test_tiny_target_runs_locally(tmp_path):
     cfg["train_extra"] = [f"render.template={jinja}" if "template" in x else x for x in cfg["train_extra"]]
     cfg["train_extra"].append("max_steps=3")
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
-    target = "results/tiny/runs/lumi-large.atlantis/final"
-    out = subprocess.run(
-        [*SNAKEMAKE, target, "-c2", "--snakefile", str(ROOT / "Snakefile"), "--configfile", "config.yaml"],
+
+
+def _snakemake(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # `atlantis` in rules
+    return subprocess.run(
+        [*SNAKEMAKE, *args, "--snakefile", str(ROOT / "Snakefile"), "--configfile", "config.yaml"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=900,
-        env={**__import__("os").environ, "PATH": f"{Path(sys.executable).parent}:{__import__('os').environ['PATH']}"},
+        env=env,
     )
+
+
+@pytest.mark.slow
+def test_tiny_target_runs_locally(tmp_path):
+    """Score -> weights -> ATLANTIS training of one tiny run, through Snakemake with 2 cores."""
+    _tiny_config(tmp_path)
+    target = "results/tiny/runs/lumi-large.atlantis/final"
+    out = _snakemake(tmp_path, target, "--profile", str(ROOT / "workflow" / "profiles" / "local"))
     assert out.returncode == 0, out.stderr[-4000:]
     assert (tmp_path / target / "model.safetensors").is_file()
     assert (tmp_path / "results" / "tiny" / "weights" / "lumi.parquet").is_file()
-    shutil.rmtree(tmp_path / "results")
+
+
+def _slurm_idle() -> bool:
+    if shutil.which("sinfo") is None:
+        return False
+    out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True)
+    return out.returncode == 0 and "idle" in out.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _slurm_idle(), reason="no idle SLURM node (CI starts one: workflow/slurm/local-cluster.sh)")
+def test_tiny_target_runs_under_slurm(tmp_path):
+    """The same rules as SLURM jobs through the SLURM profile: scoring twice, then the weights."""
+    _tiny_config(tmp_path)
+    target = "results/tiny/weights/lumi.parquet"
+    out = _snakemake(
+        tmp_path,
+        target,
+        "--profile",
+        str(ROOT / "workflow" / "profiles" / "slurm"),
+        "--default-resources",
+        "slurm_partition=debug",
+        "mem_mb=2000",
+        "runtime=30",
+        "--slurm-init-seconds-before-status-checks",
+        "5",
+        "--jobs",
+        "2",
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert (tmp_path / target).is_file()
+    assert "submitted with SLURM jobid" in out.stdout + out.stderr
 
 
 def test_plan_counts_jobs_and_gpu_hours():
