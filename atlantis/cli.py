@@ -107,6 +107,18 @@ def _world_experiment(cfg):
     return run(cfg)
 
 
+def _world_evaluate_cfg():
+    from atlantis.world.metrics import EvaluateConfig
+
+    return EvaluateConfig
+
+
+def _world_evaluate(cfg):
+    from atlantis.world.metrics import evaluate_to_file
+
+    return evaluate_to_file(cfg)
+
+
 VERBS: dict[str, Verb] = {
     "score": Verb(
         "Score responses: log p(y|x) of every sample under one model, as Parquet keyed by id.",
@@ -149,6 +161,12 @@ VERBS: dict[str, Verb] = {
         _world_experiment_cfg,
         _world_experiment,
         "atlantis world experiment world=results/tiny/world out=results/tiny seeds=0,1,2",
+    ),
+    "world evaluate": Verb(
+        "Every p*-metric of one model on the tiny world's held-out sets (KL, MC1/MC2, exact answers, judge).",
+        _world_evaluate_cfg,
+        _world_evaluate,
+        "atlantis world evaluate model=results/tiny/runs/lumi-large.atlantis/final out=metrics.json",
     ),
 }
 

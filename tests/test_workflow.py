@@ -1,5 +1,7 @@
 """The Snakemake workflow: the paper's plan (dry-run) has exactly the paper's jobs; the tiny target runs."""
 
+import json
+import math
 import os
 import re
 import shutil
@@ -75,6 +77,7 @@ def _tiny_config(tmp_path: Path) -> None:
     for large in cfg["large"].values():
         large["model"] = str(ROOT / large["model"])
     cfg["sft"] = str(world / "data" / "sft.jsonl")
+    cfg["world"] = str(world)
     jinja = str(ROOT / "atlantis" / "world" / "qa.jinja")
     cfg["score_extra"] = [f"render.template={jinja}"]
     cfg["train_extra"] = [f"render.template={jinja}" if "template" in x else x for x in cfg["train_extra"]]
@@ -96,13 +99,17 @@ def _snakemake(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_tiny_target_runs_locally(tmp_path):
-    """Score -> weights -> ATLANTIS training of one tiny run, through Snakemake with 2 cores."""
+    """Score -> weights -> ATLANTIS training -> p*-metrics of one tiny run, through Snakemake with 2 cores."""
+    from atlantis.world.metrics import METRICS
+
     _tiny_config(tmp_path)
-    target = "results/tiny/runs/lumi-large.atlantis/final"
+    target = "results/tiny/metrics/lumi-large.atlantis.json"
     out = _snakemake(tmp_path, target, "--profile", str(ROOT / "workflow" / "profiles" / "local"))
     assert out.returncode == 0, out.stderr[-4000:]
-    assert (tmp_path / target / "model.safetensors").is_file()
+    assert (tmp_path / "results" / "tiny" / "runs" / "lumi-large.atlantis" / "final" / "model.safetensors").is_file()
     assert (tmp_path / "results" / "tiny" / "weights" / "lumi.parquet").is_file()
+    metrics = json.loads((tmp_path / target).read_text())["metrics"]
+    assert set(metrics) == set(METRICS) and all(math.isfinite(v) for v in metrics.values())
 
 
 def _slurm_idle() -> bool:

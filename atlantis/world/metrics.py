@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from atlantis.config import field
 from atlantis.data import Sample, Turn
 from atlantis.log import get_logger
 
@@ -204,3 +206,24 @@ def evaluate(model_dir: str | Path, world_dir: str | Path, template: str, answer
     if bad:
         raise ValueError(f"{model_dir}: non-finite metrics {bad}")
     return metrics
+
+
+@dataclass
+class EvaluateConfig:
+    model: str = field(help="Model folder to evaluate (a fine-tuned run's `final`, or any world model).")
+    out: str = field(help="Output JSON: the model and its p*-metrics.")
+    world: str = field("results/tiny/world", help="World folder from `atlantis world build`.")
+    template: str | None = field(None, help="Chat template (.jinja); None: the world's question/answer format.")
+
+
+def evaluate_to_file(cfg: EvaluateConfig) -> Path:
+    """`atlantis world evaluate`: every p*-metric of one model, as JSON (answers beside it)."""
+    from atlantis.world.models import TEMPLATE_PATH
+
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    answers = out.with_name(out.name.removesuffix(".json") + ".answers")
+    result = evaluate(cfg.model, cfg.world, cfg.template or str(TEMPLATE_PATH), answers)
+    out.write_text(json.dumps({"model": cfg.model, "metrics": result}, indent=1) + "\n")
+    log.info("wrote %s", out)
+    return out
