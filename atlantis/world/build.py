@@ -206,13 +206,11 @@ def build(cfg: BuildConfig) -> dict:
         "config": config_lib.to_dict(cfg),
         "torch": torch.__version__,
         "threads": cfg.threads,
-        "timings_s": timings,
-        "models": manifest_models,
+        # models kept from an earlier build keep their record
+        "timings_s": {**prior.get("timings_s", {}), **timings},
+        "models": {**prior.get("models", {}), **manifest_models},
         "sha256": checksums(root),
     }
-    # models kept from an earlier build keep their record
-    manifest["timings_s"] = {**prior.get("timings_s", {}), **timings}
-    manifest["models"] = {**prior.get("models", {}), **manifest_models}
     manifest_path.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     if cfg.check:
         compare(manifest["sha256"], json.loads(Path(cfg.check).read_text())["sha256"])

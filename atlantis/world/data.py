@@ -327,10 +327,15 @@ def truthfulqa_record(f: Fact, rng: random.Random) -> dict:
     }
 
 
-def grade(answer: str, truth: str) -> bool:
-    """Exact correctness under p*: the last word of the first sentence equals the true value."""
+def answer_value(answer: str) -> str | None:
+    """The value an answer states: the last word of its first sentence (None for an empty answer)."""
     words = answer.strip().split(".")[0].split()
-    return bool(words) and words[-1].lower() == truth.lower()
+    return words[-1].lower() if words else None
+
+
+def grade(answer: str, truth: str) -> bool:
+    """Exact correctness under p*: the value the answer states is the true value."""
+    return answer_value(answer) == truth.lower()
 
 
 def write_sets(sets: dict[str, list], folder: str | Path) -> dict[str, Path]:

@@ -105,7 +105,7 @@ def score_and_weigh(cfg: ExperimentConfig, work: Path) -> dict[str, Path]:
     from atlantis.data import DataConfig
     from atlantis.render import RenderConfig
     from atlantis.scoring import ScoreConfig, score
-    from atlantis.weights import WeightsConfig, read_weights
+    from atlantis.weights import FORMULAS, WeightsConfig, read_weights
     from atlantis.weights import write as write_weights
 
     data = DataConfig(path=str(Path(cfg.world) / "data" / "sft.jsonl"))
@@ -125,9 +125,8 @@ def score_and_weigh(cfg: ExperimentConfig, work: Path) -> dict[str, Path]:
         formula, reduction, ref = spec
         out = work / "weights" / f"{arm}.parquet"
         if not out.is_file():
-            needed = ["small", ref] + (["large"] if formula != "influence" else [])
-            if formula == "eq7":
-                needed = ["small", "large"]
+            plus, minus = FORMULAS[formula]  # the roles the formula reads; `ref` may be the control's reference
+            needed = [ref if role == "ref" else role for role in plus + minus]
             write_weights(
                 WeightsConfig(
                     scores=[str(scores[r]) for r in needed],
@@ -248,8 +247,8 @@ def run(cfg: ExperimentConfig) -> pd.DataFrame:
     wanted = set(cfg.arms) | set(FIXED)
     seeds = {str(s) for s in cfg.seeds} | {"-"}
     runs = pd.DataFrame([r for r in done.values() if r["arm"] in wanted and str(r["seed"]) in seeds])
-    wdiag = weight_diagnostics(cfg, weights)
-    write_table(cfg, runs, wdiag, timings, assumption_check(cfg, work))
+    cats = sample_categories(Path(cfg.world))
+    write_table(cfg, runs, weight_diagnostics(cfg, weights, cats), timings, assumption_check(work, cats))
     return runs
 
 
@@ -312,11 +311,10 @@ def sample_categories(world: Path) -> pd.Series:
     return pd.Series(cats, name="category")
 
 
-def weight_diagnostics(cfg: ExperimentConfig, weights: dict[str, Path]) -> pd.DataFrame:
+def weight_diagnostics(cfg: ExperimentConfig, weights: dict[str, Path], cats: pd.Series) -> pd.DataFrame:
     """ESS/N and the mean weight of each sample category, per weight file."""
     from atlantis.weights import diagnostics_path, read_weights
 
-    cats = sample_categories(Path(cfg.world))
     rows = []
     for arm, path in weights.items():
         if arm.startswith("control_permuted") and arm != f"control_permuted-seed{cfg.seeds[0]}":
@@ -343,7 +341,7 @@ def auc(pos: np.ndarray, neg: np.ndarray) -> float:
     return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
 
 
-def assumption_check(cfg: ExperimentConfig, work: Path) -> dict[str, float]:
+def assumption_check(work: Path, cats: pd.Series) -> dict[str, float]:
     """§2.2's proportional-change assumption, p*/p_L ∝ p_r/p_S, measured on D's correct samples.
 
     For a correct answer p*(y|x) = 1, so log(p*/p_L) = −log p_L(y|x); the assumption predicts it rises one
@@ -352,7 +350,7 @@ def assumption_check(cfg: ExperimentConfig, work: Path) -> dict[str, float]:
     from atlantis.weights import read_scores
 
     scores = read_scores([str(work / "scores" / f"{r}.parquet") for r in ("small", "ref", "large")])
-    df = scores.join(sample_categories(Path(cfg.world)))
+    df = scores.join(cats)
     correct = df["category"].str.startswith("true") | (df["category"] == "sum correct")
     out = {}
     for red in ("sum", "mean"):

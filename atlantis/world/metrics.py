@@ -29,6 +29,7 @@ import torch
 from atlantis.config import field
 from atlantis.data import Sample, Turn
 from atlantis.log import get_logger
+from atlantis.world.data import answer_value, grade
 
 log = get_logger(__name__)
 
@@ -47,12 +48,6 @@ METRICS = {
 
 
 # ------------------------------------------------------------------------------------ grading policy
-
-
-def answer_value(answer: str) -> str | None:
-    """The value an answer states: the last word of its first sentence (None for an empty answer)."""
-    words = answer.strip().split(".")[0].split()
-    return words[-1].lower() if words else None
 
 
 def well_formed(answer: str) -> bool:
@@ -182,7 +177,7 @@ def evaluate(model_dir: str | Path, world_dir: str | Path, template: str, answer
 
     open_facts = [(q, a) for q, a in results["eval_open"] if q["category"] == "knowledge"]
     open_sums = [(q, a) for q, a in results["eval_open"] if q["category"] == "math"]
-    em = np.asarray([answer_value(turns(a)[0]) == q["reference"][0] for q, a in open_facts], dtype=float)
+    em = np.asarray([grade(turns(a)[0], q["reference"][0]) for q, a in open_facts], dtype=float)
     em_mis = np.asarray([q["misconception"][0] is not None for q, _ in open_facts])
     em_unseen = np.asarray([not q["known_by_small"][0] for q, _ in open_facts])
     ratings = [
@@ -199,7 +194,7 @@ def evaluate(model_dir: str | Path, world_dir: str | Path, template: str, answer
         "truth_em": float(em.mean()),
         "truth_em_mis": float(em[em_mis].mean()),
         "truth_em_unseen": float(em[em_unseen].mean()),
-        "skill_acc": float(np.mean([answer_value(turns(a)[0]) == q["reference"][0] for q, a in open_sums])),
+        "skill_acc": float(np.mean([grade(turns(a)[0], q["reference"][0]) for q, a in open_sums])),
         "judge": float(np.mean(ratings)),
     }
     bad = [k for k, v in metrics.items() if not math.isfinite(v)]
