@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from atlantis import config as config_lib
-from atlantis.log import get_logger, setup_logging
+from atlantis.log import get_logger, setup_logging, world_size
 
 log = get_logger(__name__)
 
@@ -29,10 +30,26 @@ def _score_cfg():
     return ScoreConfig
 
 
+def _leave_if_distributed() -> None:
+    """End a successful multi-process run here, skipping the interpreter's teardown.
+
+    Every output is written and the process group destroyed by now, but gloo's worker threads can still hold
+    tensors from DeepSpeed's asynchronous gathers; freeing them while Python shuts down aborts the process
+    ("terminate called without an active exception", exit 250 under ZeRO-3, about one CI run in thirty), which
+    would mark a finished training job as failed. See pytorch/pytorch#179291 for the teardown race.
+    """
+    if world_size() > 1:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
 def _score(cfg):
     from atlantis.scoring import score
 
-    return score(cfg)
+    score(cfg)
+    _leave_if_distributed()
 
 
 def _weights_cfg():
@@ -68,7 +85,8 @@ def _train_cfg():
 def _train(cfg):
     from atlantis.train import train
 
-    return train(cfg)
+    train(cfg)
+    _leave_if_distributed()
 
 
 def _generate_cfg():
