@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from atlantis import config as config_lib
+from atlantis.launch import adopt_slurm_env
 from atlantis.log import get_logger, setup_logging, world_size
 
 log = get_logger(__name__)
@@ -87,6 +88,30 @@ def _train(cfg):
 
     train(cfg)
     _leave_if_distributed()
+
+
+def _report_cfg():
+    from atlantis.report import ReportConfig
+
+    return ReportConfig
+
+
+def _report(cfg):
+    from atlantis.report import render
+
+    return render(cfg)
+
+
+def _figures_cfg():
+    from atlantis.figures import FiguresConfig
+
+    return FiguresConfig
+
+
+def _figures(cfg):
+    from atlantis.figures import render
+
+    return render(cfg)
 
 
 def _generate_cfg():
@@ -168,6 +193,19 @@ VERBS: dict[str, Verb] = {
         _generate,
         "atlantis generate model=runs/atl/final questions=question.jsonl out=answers/atl.jsonl",
     ),
+    "report": Verb(
+        "The paper's Tables 2-5 and 7 beside a profile's runs (CSV, Markdown, LaTeX; Δ with CIs; provenance).",
+        _report_cfg,
+        _report,
+        "atlantis report matrix=results/tiny/matrix.json metrics=results/tiny/metrics out=results/tiny/tables",
+    ),
+    "figures": Verb(
+        "Fig. 2, 3 and 4 analogues of a profile (weight distributions, per-dimension radar, disagreement).",
+        _figures_cfg,
+        _figures,
+        "atlantis figures matrix=results/tiny/matrix.json weights=results/tiny/weights metrics=results/tiny/metrics"
+        " out=figures/tiny",
+    ),
     "world build": Verb(
         "Build the tiny world: its data sets and model families (pre-training, reference tuning), checksummed.",
         _world_build_cfg,
@@ -234,6 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        adopt_slurm_env()  # one task of a multi-task srun step (multi-node training): RANK etc. from SLURM's
+    except RuntimeError as err:
+        setup_logging()
+        log.error("%s", err)
+        return 2
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     name = f"{args.verb} {args.subverb}" if getattr(args, "subverb", None) else args.verb
     verb = VERBS[name]

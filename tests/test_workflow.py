@@ -47,9 +47,31 @@ def test_paper_plan_has_the_papers_jobs():
     assert any("model=google/gemma-2-9b " in t and "weights/qwen2.parquet" in t for t in trains)
 
 
-def test_tiny_plan_is_the_same_matrix():
-    counts = _job_counts(_dry_run())
-    assert counts["train"] == 32 and counts["weights"] == 2
+def test_tiny_plan_is_the_same_matrix(tmp_path):
+    # from an empty folder, so every job is planned whatever this checkout has already run
+    _tiny_config(tmp_path)
+    counts = _job_counts(_dry_run("--configfile", "config.yaml", cwd=tmp_path))
+    # the paper's 32 runs of Tables 2-5 over the tiny models, plus 2 more seeds of Table 2's 4 runs
+    assert counts["train"] == 40 and counts["world_evaluate"] == 40 and counts["weights"] == 2
+    assert counts["world_evaluate_proxy"] == 1  # Table 7
+    assert counts["tables"] == counts["figures"] == counts["matrix"] == 1
+
+
+def test_report_rule_renders_every_paper_table():
+    from atlantis.report import TABLES
+
+    common = (ROOT / "workflow" / "rules" / "common.smk").read_text()
+    listed = re.search(r"^TABLES = (\[.*\])$", common, re.M)
+    assert listed and eval(listed[1]) == list(TABLES)  # the rule's outputs are the report's tables
+
+
+def test_rule_graph_names_every_rule():
+    out = subprocess.run(
+        [*SNAKEMAKE, "--rulegraph", "--snakefile", str(ROOT / "Snakefile")], cwd=ROOT, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    for rule in ("score", "weights", "select", "train", "world_evaluate", "world_evaluate_proxy", "tables", "figures"):
+        assert f'label = "{rule}"' in out.stdout, rule
 
 
 def test_lint_is_clean():
@@ -122,9 +144,13 @@ def _slurm_idle() -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(not _slurm_idle(), reason="no idle SLURM node (CI starts one: workflow/slurm/local-cluster.sh)")
 def test_tiny_target_runs_under_slurm(tmp_path):
-    """The same rules as SLURM jobs through the SLURM profile: scoring twice, then the weights."""
+    """The same rules as SLURM jobs through the SLURM profile: scoring twice, the weights, then a training run
+    as one job of two srun tasks (the multi-node path of the paper's presets, on one node and CPUs)."""
     _tiny_config(tmp_path)
-    target = "results/tiny/weights/lumi.parquet"
+    cfg = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    cfg["presets"]["none"].update(tasks=2, cpus_per_task=1)  # `none` is also the training preset's name
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    target = "results/tiny/runs/lumi-large.atlantis/final"
     out = _snakemake(
         tmp_path,
         target,
@@ -140,8 +166,10 @@ def test_tiny_target_runs_under_slurm(tmp_path):
         "2",
     )
     assert out.returncode == 0, out.stderr[-4000:]
-    assert (tmp_path / target).is_file()
+    assert (tmp_path / target / "model.safetensors").is_file()
     assert "submitted with SLURM jobid" in out.stdout + out.stderr
+    record = json.loads((tmp_path / target).with_name("train_record.json").read_text())
+    assert record["world_size"] == 2
 
 
 def test_plan_counts_jobs_and_gpu_hours():

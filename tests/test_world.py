@@ -7,10 +7,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from atlantis.stats import paired_ci
 from atlantis.world import metrics
 from atlantis.world.build import BuildConfig, build, checksums, compare
 from atlantis.world.data import WorldConfig
-from atlantis.world.experiment import ExperimentConfig, paired_ci, run
+from atlantis.world.experiment import ExperimentConfig, run
 from atlantis.world.models import QA_TEMPLATE, TEMPLATE_PATH, PretrainConfig
 
 TINY = WorldConfig(n_entities=16, sft_sums=30, eval_sums=10, sum_max=9, sft_per_fact=4)
@@ -198,3 +199,35 @@ def test_experiment_config_is_checked():
         ExperimentConfig(arms=["sft", "nope"])
     with pytest.raises(ValueError, match="include sft"):
         ExperimentConfig(arms=["atlantis"])
+
+
+@pytest.mark.skipif(not (SHIPPED / "manifest.json").is_file(), reason="no shipped world")
+def test_proxy_logliks_are_comparable_with_a_models():
+    """The decoder path (proxy-tuning, Table 7) scores exactly what the one-model path scores: with p_r = p_S the
+    proxy s_L + (s_r − s_S) is p_L itself, and a single model's decoder equals `continuation_logliks`."""
+    import torch
+
+    from atlantis.models import load_model, load_tokenizer
+    from atlantis.proxy import ProxyModel, SingleModel
+
+    tqa = [json.loads(x) for x in (SHIPPED / "data" / "eval_truthfulqa.jsonl").read_text().splitlines()[:3]]
+    pairs = [(r["question"], c) for r in tqa for c in r["mc1_targets"]["choices"]]
+    large, small = (SHIPPED / "models" / n for n in ("lumi-large", "lumi-small"))
+    tok = load_tokenizer(str(large))
+    lm = load_model(str(large), torch.float32, torch.device("cpu")).eval()
+    sm = load_model(str(small), torch.float32, torch.device("cpu")).eval()
+    template = str(TEMPLATE_PATH)
+    reference = metrics.continuation_logliks(lm, tok, template, pairs)
+    single = metrics.decoder_logliks(SingleModel(lm, tok, template=template), pairs)
+    proxy = metrics.decoder_logliks(ProxyModel(lm, sm, sm, tok, template=template), pairs)
+    assert single == pytest.approx(reference, abs=1e-4)
+    assert proxy == pytest.approx(reference, abs=1e-4)
+    # and a real proxy (p_r = the tuned reference) moves them
+    ref = load_model(str(SHIPPED / "models" / "lumi-small-ref"), torch.float32, torch.device("cpu")).eval()
+    moved = metrics.decoder_logliks(ProxyModel(lm, sm, ref, tok, template=template), pairs)
+    assert np.abs(np.asarray(moved) - np.asarray(reference)).max() > 0.1
+
+
+def test_evaluate_config_needs_both_proxy_models():
+    with pytest.raises(ValueError, match="both proxy_small and proxy_ref"):
+        metrics.EvaluateConfig(model="m", out="o", proxy_small="s")

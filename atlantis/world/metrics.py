@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from atlantis import provenance
 from atlantis.config import field
 from atlantis.data import Sample, Turn
 from atlantis.log import get_logger
@@ -119,26 +120,64 @@ def continuation_logliks(model, tokenizer, template: str, pairs: list[tuple[str,
     return out.tolist()
 
 
-def evaluate(model_dir: str | Path, world_dir: str | Path, template: str, answers_dir: str | Path) -> dict:
-    """Every p*-metric of one model; greedy answers are written with `atlantis generate` to `answers_dir`."""
+def decoder_logliks(decoder, pairs: list[tuple[str, str]], batch: int = 64) -> list[float]:
+    """Σ log p(answer | question) under any `LogitDecoder` (a proxy-tuned model, Eq. 9), lm-eval's tokenisation.
+
+    For one model this equals `continuation_logliks` (tested), so a proxy's metrics compare with a model's.
+    """
+    by_question: dict[str, list[int]] = {}
+    for i, (q, _) in enumerate(pairs):
+        by_question.setdefault(q, []).append(i)
+    out = np.zeros(len(pairs))
+    for q, rows in by_question.items():
+        conts = decoder.continuation_logprobs(
+            [{"role": "user", "content": q}], [pairs[i][1] for i in rows], batch_size=batch
+        )
+        out[rows] = [c.total for c in conts]
+    return out.tolist()
+
+
+def evaluate(
+    model_dir: str | Path,
+    world_dir: str | Path,
+    template: str,
+    answers_dir: str | Path,
+    proxy: tuple[str, str] | None = None,
+) -> dict:
+    """Every p*-metric of one model; greedy answers are written with `atlantis generate` to `answers_dir`.
+
+    proxy=(small, ref): evaluate the proxy-tuned `model_dir` instead, s_L + (s_r − s_S) (paper Eq. 9, Table 7).
+    """
     from atlantis.generate import GenerateConfig, generate
     from atlantis.models import load_model, load_tokenizer
-    from atlantis.proxy import SingleModel
+    from atlantis.proxy import ProxyModel, SingleModel
 
     world = Path(world_dir) / "data"
     tokenizer = load_tokenizer(str(model_dir))
     model = load_model(str(model_dir), torch.float32, torch.device("cpu"))
     model.eval()
+    if proxy is None:
+        decoder = SingleModel(model, tokenizer, template=template)
+
+        def logliks(pairs):
+            return continuation_logliks(model, tokenizer, template, pairs)
+
+    else:
+        small, ref = (load_model(p, torch.float32, torch.device("cpu")).eval() for p in proxy)
+        toks = {"large": tokenizer, "small": load_tokenizer(proxy[0]), "ref": load_tokenizer(proxy[1])}
+        decoder = ProxyModel(model, small, ref, toks, template=template)
+
+        def logliks(pairs):
+            return decoder_logliks(decoder, pairs)
+
     tqa = _read_jsonl(world / "eval_truthfulqa.jsonl")
     skill = _read_jsonl(world / "eval_skill.jsonl")
 
     # KL(p*‖p) = −log p(y*|x): the true answer of each held-out question
     truths = [(r["question"], r["mc1_targets"]["choices"][0]) for r in tqa]
-    kl_facts = -np.asarray(continuation_logliks(model, tokenizer, template, truths))
+    kl_facts = -np.asarray(logliks(truths))
     mis = np.asarray([r["misconception"] for r in tqa])
-    kl_skill = -np.asarray(
-        continuation_logliks(model, tokenizer, template, [(r["question"], f" {r['answer']}.") for r in skill])
-    )
+    kl_skill = -np.asarray(logliks([(r["question"], f" {r['answer']}.") for r in skill]))
 
     # MC1/MC2: every choice of every record in one pass
     pairs, spans = [], []
@@ -147,7 +186,7 @@ def evaluate(model_dir: str | Path, world_dir: str | Path, template: str, answer
             start = len(pairs)
             pairs += [(r["question"], c) for c in r[key]["choices"]]
             spans.append((start, len(pairs)))
-    ll = continuation_logliks(model, tokenizer, template, pairs)
+    ll = logliks(pairs)
     mc = [
         mc_scores(ll[slice(*spans[2 * i])], ll[slice(*spans[2 * i + 1])], r["mc2_targets"]["labels"])
         for i, r in enumerate(tqa)
@@ -168,7 +207,7 @@ def evaluate(model_dir: str | Path, world_dir: str | Path, template: str, answer
             batch_size=64,
             overwrite=True,
         )
-        generate(cfg, decoder=SingleModel(model, tokenizer, template=template))
+        generate(cfg, decoder=decoder)
         by_id = {str(a["question_id"]): a for a in _read_jsonl(out)}
         results[name] = [(q, by_id[str(q["question_id"])]) for q in _read_jsonl(world / f"{name}.jsonl")]
 
@@ -209,6 +248,12 @@ class EvaluateConfig:
     out: str = field(help="Output JSON: the model and its p*-metrics.")
     world: str = field("results/tiny/world", help="World folder from `atlantis world build`.")
     template: str | None = field(None, help="Chat template (.jinja); None: the world's question/answer format.")
+    proxy_small: str | None = field(None, help="Proxy-tuning (Eq. 9, Table 7): the small base model p_S.")
+    proxy_ref: str | None = field(None, help="Proxy-tuning: the reference model p_r (p_S fine-tuned).")
+
+    def __post_init__(self):
+        if (self.proxy_small is None) != (self.proxy_ref is None):
+            raise ValueError("proxy-tuning needs both proxy_small and proxy_ref (or neither)")
 
 
 def evaluate_to_file(cfg: EvaluateConfig) -> Path:
@@ -218,7 +263,12 @@ def evaluate_to_file(cfg: EvaluateConfig) -> Path:
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     answers = out.with_name(out.name.removesuffix(".json") + ".answers")
-    result = evaluate(cfg.model, cfg.world, cfg.template or str(TEMPLATE_PATH), answers)
-    out.write_text(json.dumps({"model": cfg.model, "metrics": result}, indent=1) + "\n")
+    proxy = (cfg.proxy_small, cfg.proxy_ref) if cfg.proxy_small else None
+    result = evaluate(cfg.model, cfg.world, cfg.template or str(TEMPLATE_PATH), answers, proxy=proxy)
+    record = {"model": cfg.model, "metrics": result}
+    if proxy:
+        record["proxy"] = {"small": proxy[0], "ref": proxy[1], "alpha": 1.0}
+    record["provenance"] = provenance.of_model(cfg.model)
+    out.write_text(json.dumps(record, indent=1) + "\n")
     log.info("wrote %s", out)
     return out

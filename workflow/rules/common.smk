@@ -1,7 +1,14 @@
 # The experiment matrix: every training run of Tables 2-5 named once, and every scoring pass it needs.
 # Runs shared between tables (Table 3's and Table 4's baselines are Table 2's runs) are the same job.
 
+import os
+import re
+
+from atlantis.launch import srun_prefix
+
 RESULTS = f"results/{config['profile']}"
+FIGURES = f"figures/{config['profile']}"
+TABLES = ["table2", "table3", "table4", "table5", "table7"]
 METHODS = ["sft", "atlantis"]
 
 
@@ -22,13 +29,30 @@ def _large_runs():
                         "family": config["large"][large]["family"],
                         "subset": f"{RESULTS}/selection/{large}/{selector}-{rate}.parquet",
                         "selector": selector,
+                        "rate": rate,
                     }
     for large, family in exp["cross"].items():
-        runs[f"{large}.atlantis.cross-{family}"] = {"large": large, "method": "atlantis", "family": family}
+        runs[f"{large}.atlantis.cross-{family}"] = {
+            "large": large,
+            "method": "atlantis",
+            "family": family,
+            "cross": True,
+        }
+    # Extra seeds of the main comparison give Table 2 its confidence intervals (the paper reports one run, seed 0).
+    for seed in exp["main"].get("seeds", [0]):
+        for large in exp["main"]["large"]:
+            for method in METHODS:
+                if seed != 0:
+                    runs[f"{large}.{method}.seed{seed}"] = {**runs[f"{large}.{method}"], "seed": seed}
     return runs
 
 
 RUNS = _large_runs()
+# Table 7: proxy-tuning (Eq. 9) of these large models by their family's small/reference pair; nothing to train.
+PROXIES = config["experiments"].get("proxy", {}).get("large", [])
+METRICS_FILES = [f"{RESULTS}/metrics/{run}.json" for run in RUNS] + [
+    f"{RESULTS}/metrics/{lg}.proxy.json" for lg in PROXIES
+]
 
 
 def model_of(scorer):
@@ -57,6 +81,8 @@ def train_settings(w, input):
     run = RUNS[w.run]
     large = config["large"][run["large"]]
     parts = [f"model={large['model']}", f"method={run['method']}", f"preset={large['preset']}"]
+    if "seed" in run:
+        parts.append(f"seed={run['seed']}")
     parts += [f"{k}={v}" for k, v in input.items()]
     return " ".join(parts + config.get("train_extra", []))
 
@@ -67,6 +93,16 @@ def preset_of(run, key):
 
 def preset(w, key):
     return preset_of(w.run, key)
+
+
+def preset_keys(w):
+    return config["presets"][config["large"][RUNS[w.run]["large"]]["preset"]].keys()
+
+
+def processes(w):
+    """Training processes of a run: one per GPU (Table 6), or the preset's `tasks` on CPU (at least one)."""
+    p = config["presets"][config["large"][RUNS[w.run]["large"]]["preset"]]
+    return int(p.get("tasks", p["gpus"]) or 1)
 
 
 # What the runs need, each once (the plan counts these; Snakemake derives the same jobs from the rules).

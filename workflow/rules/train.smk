@@ -1,4 +1,6 @@
 # Weighted SFT of p_L (Table 6 presets); ATLANTIS runs read their family's weights, Table 3 runs a selection.
+# A multi-GPU preset asks SLURM for its nodes and one task per GPU (`mpi` keeps the executor from wrapping the
+# shell in a one-task srun) and starts the tasks with srun; each maps SLURM's ids to torch's (atlantis.launch).
 
 
 rule train:
@@ -14,10 +16,15 @@ rule train:
     resources:
         gpu=lambda w: preset(w, "gpus"),
         nodes=lambda w: preset(w, "nodes"),
+        tasks=processes,
+        cpus_per_task=lambda w: preset(w, "cpus_per_task") if "cpus_per_task" in preset_keys(w) else 2,
+        tasks_per_gpu=lambda w: 1 if preset(w, "gpus") else 0,
+        mpi=lambda w: "srun" if processes(w) > 1 else "",
         runtime=lambda w: preset(w, "hours") * 60,
     params:
         settings=train_settings,
         data=config["sft"],
         out=lambda w: f"{RESULTS}/runs/{w.run}",
+        launch=lambda w: srun_prefix(processes(w), preset(w, "nodes"), preset(w, "gpus")),
     shell:
-        "atlantis train data={params.data} out={params.out} {params.settings} > {log} 2>&1"
+        "{params.launch}atlantis train data={params.data} out={params.out} {params.settings} > {log} 2>&1"

@@ -1,0 +1,71 @@
+# Tables and figures for review: the paper's tables beside this profile's runs, Fig. 2/3/4 analogues, and the
+# items of `snakemake --report`.
+
+
+rule matrix:
+    output:
+        f"{RESULTS}/matrix.json",
+    log:
+        f"{RESULTS}/logs/matrix.log",
+    localrule: True
+    conda:
+        "../envs/atlantis.yaml"
+    params:
+        runs=RUNS,
+    script:
+        "../scripts/matrix.py"
+
+
+rule tables:
+    input:
+        matrix=f"{RESULTS}/matrix.json",
+        metrics=METRICS_FILES,
+    output:
+        csv=report(
+            expand(f"{RESULTS}/tables/{{table}}.csv", table=TABLES),
+            category="Tables",
+            caption="../report/tables.rst",
+        ),
+        md=expand(f"{RESULTS}/tables/{{table}}.{{ext}}", table=TABLES, ext=["md", "tex"]),
+        delta=report(
+            expand(f"{RESULTS}/tables/{{table}}-delta.csv", table=TABLES),
+            category="Tables",
+            subcategory="Δ vs baseline",
+            caption="../report/deltas.rst",
+        ),
+        provenance=f"{RESULTS}/tables/provenance.json",
+    log:
+        f"{RESULTS}/logs/tables.log",
+    conda:
+        "../envs/atlantis.yaml"
+    params:
+        metrics=lambda w, input: os.path.dirname(input.metrics[0]),
+        out=lambda w, output: os.path.dirname(output.provenance),
+    shell:
+        "atlantis report matrix={input.matrix} metrics={params.metrics} out={params.out} > {log} 2>&1"
+
+
+rule figures:
+    input:
+        matrix=f"{RESULTS}/matrix.json",
+        weights=[f"{RESULTS}/weights/{family}.parquet" for family in WEIGHT_FAMILIES],
+        metrics=METRICS_FILES,
+    output:
+        png=report(
+            expand(f"{FIGURES}/fig{{n}}.png", n=[2, 3, 4]),
+            category="Figures",
+            caption="../report/figures.rst",
+        ),
+        pdf=expand(f"{FIGURES}/fig{{n}}.pdf", n=[2, 3, 4]),
+        stats=f"{FIGURES}/fig4.json",
+    log:
+        f"{RESULTS}/logs/figures.log",
+    conda:
+        "../envs/atlantis.yaml"
+    params:
+        weights=lambda w, input: os.path.dirname(input.weights[0]),
+        metrics=lambda w, input: os.path.dirname(input.metrics[0]),
+        out=lambda w, output: os.path.dirname(output.stats),
+    shell:
+        "atlantis figures matrix={input.matrix} weights={params.weights} metrics={params.metrics} out={params.out}"
+        " > {log} 2>&1"
