@@ -114,6 +114,18 @@ def _figures(cfg):
     return render(cfg)
 
 
+def _env_cfg():
+    from atlantis.envs import EnvConfig
+
+    return EnvConfig
+
+
+def _env(cfg):
+    from atlantis.envs import build
+
+    return build(cfg)
+
+
 def _generate_cfg():
     from atlantis.generate import GenerateConfig
 
@@ -205,6 +217,12 @@ VERBS: dict[str, Verb] = {
         _figures,
         "atlantis figures matrix=results/tiny/matrix.json weights=results/tiny/weights metrics=results/tiny/metrics"
         " out=figures/tiny",
+    ),
+    "env": Verb(
+        "Build (once) the pip virtual environment of a workflow/envs/<name>.yaml, for machines without conda.",
+        _env_cfg,
+        _env,
+        "atlantis env spec=workflow/envs/fschat.yaml out=.envs/fschat",
     ),
     "world build": Verb(
         "Build the tiny world: its data sets and model families (pre-training, reference tuning), checksummed.",

@@ -2,6 +2,7 @@
 
 import json
 import math
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -210,3 +211,31 @@ def test_srun_prefix_and_slurm_environment():
 def test_config_hash_ignores_key_order():
     assert provenance.config_hash({"a": 1, "b": [1, 2]}) == provenance.config_hash({"b": [1, 2], "a": 1})
     assert provenance.config_hash({"a": 1}) != provenance.config_hash({"a": 2})
+
+
+def test_pip_requirements_from_a_conda_file(tmp_path):
+    from atlantis.envs import EnvError, pip_requirements
+
+    spec = tmp_path / "envs" / "x.yaml"
+    spec.parent.mkdir()
+    spec.write_text("dependencies:\n  - python=3.11\n  - pip\n  - pip:\n      - openai<1\n      - -e ../pkg[extra]\n")
+    assert pip_requirements(spec) == ["openai<1", f"-e {(tmp_path / 'pkg').resolve()}[extra]"]
+    (tmp_path / "bad.yaml").write_text("dependencies:\n  - python=3.11\n")
+    with pytest.raises(EnvError, match="no `pip:` list"):
+        pip_requirements(tmp_path / "bad.yaml")
+    # every shipped environment file has one
+    for path in (ROOT / "workflow" / "envs").glob("*.yaml"):
+        assert pip_requirements(path), path
+
+
+@pytest.mark.slow
+def test_pip_env_is_built_once_and_reused(tmp_path):
+    from atlantis.envs import EnvConfig, build
+
+    spec = tmp_path / "six.yaml"
+    spec.write_text("dependencies:\n  - pip:\n      - six\n")
+    cfg = EnvConfig(spec=str(spec), out=str(tmp_path / "env"))
+    python = build(cfg)
+    assert subprocess.run([str(python), "-c", "import six"]).returncode == 0
+    stamp = (tmp_path / "env" / "atlantis-env.json").stat().st_mtime_ns
+    assert build(cfg) == python and (tmp_path / "env" / "atlantis-env.json").stat().st_mtime_ns == stamp

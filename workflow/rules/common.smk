@@ -117,3 +117,13 @@ SCORE_PASSES = sorted(
         for kind in ("cond", "direct")
     }
 )
+
+
+# A benchmark's own environment (workflow/envs/<name>.yaml): `software: conda` lets Snakemake build it from the
+# rule's `conda:`; `software: pip` (the default, no conda needed) builds .envs/<name> once (rule pip_env).
+def env_input(name):
+    return [] if config.get("software", "pip") == "conda" else [f".envs/{name}/atlantis-env.json"]
+
+
+def env_python(name):
+    return "python" if config.get("software", "pip") == "conda" else f".envs/{name}/bin/python"
