@@ -13,6 +13,7 @@ include: "workflow/rules/score.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/plan.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/benchmarks.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/envs.smk"
 
@@ -23,7 +24,5 @@ report: "workflow/report/workflow.rst"
 rule all:
     input:
         [f"{RESULTS}/runs/{run}/final" for run in RUNS],
-        # The tiny world grades every run itself, then renders the tables and figures; the paper profile's
-        # benchmark rules (lm-eval, MT-Bench, AlpacaEval, Arena-Hard-Auto) come with issue 6.
-        rules.tables.output if "world" in config else [],
-        rules.figures.output if "world" in config else [],
+        rules.tables.output,
+        rules.figures.output,

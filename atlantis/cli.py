@@ -126,6 +126,54 @@ def _env(cfg):
     return build(cfg)
 
 
+def _lmeval_cfg():
+    from atlantis.evals.lmeval import LmEvalConfig
+
+    return LmEvalConfig
+
+
+def _lmeval(cfg):
+    from atlantis.evals.lmeval import run_all
+
+    return run_all(cfg)
+
+
+def _mtbench_cfg():
+    from atlantis.evals.mtbench import MTBenchConfig
+
+    return MTBenchConfig
+
+
+def _mtbench(cfg):
+    from atlantis.evals.mtbench import run
+
+    return run(cfg)
+
+
+def _alpacaeval_cfg():
+    from atlantis.evals.alpaca import AlpacaEvalConfig
+
+    return AlpacaEvalConfig
+
+
+def _alpacaeval(cfg):
+    from atlantis.evals.alpaca import run
+
+    return run(cfg)
+
+
+def _arena_hard_cfg():
+    from atlantis.evals.arena_hard import ArenaHardConfig
+
+    return ArenaHardConfig
+
+
+def _arena_hard(cfg):
+    from atlantis.evals.arena_hard import run
+
+    return run(cfg)
+
+
 def _generate_cfg():
     from atlantis.generate import GenerateConfig
 
@@ -217,6 +265,34 @@ VERBS: dict[str, Verb] = {
         _figures,
         "atlantis figures matrix=results/tiny/matrix.json weights=results/tiny/weights metrics=results/tiny/metrics"
         " out=figures/tiny",
+    ),
+    "lmeval": Verb(
+        "lm-evaluation-harness: TruthfulQA MC1/MC2 and the Open LLM Leaderboard v2 (paper), or the world's tasks.",
+        _lmeval_cfg,
+        _lmeval,
+        "atlantis lmeval model=results/tiny/world/models/lumi-large tasks=world out=lmeval.json"
+        "  (proxy: proxy_large=... proxy_small=... proxy_ref=...)",
+    ),
+    "mtbench": Verb(
+        "MT-Bench single and pairwise through FastChat's judge (fschat env), on any OpenAI-compatible endpoint.",
+        _mtbench_cfg,
+        _mtbench,
+        "atlantis mtbench answers=answers/atl.jsonl model_id=atl baseline_answers=answers/gpt-3.5-turbo.jsonl"
+        " judge.base_url=https://api.openai.com/v1 out=results/mtbench/atl.json",
+    ),
+    "alpacaeval": Verb(
+        "AlpacaEval win rate through the alpaca-eval package (its own env) against a reference model's outputs.",
+        _alpacaeval_cfg,
+        _alpacaeval,
+        "atlantis alpacaeval answers=answers/atl.jsonl questions=alpaca.jsonl model_id=atl reference=ref.json"
+        " out=results/alpaca/atl.json",
+    ),
+    "arena-hard": Verb(
+        "Arena-Hard-Auto v0.1: judge a model's answers against a baseline's (both orders); BT win rate + 95% CI.",
+        _arena_hard_cfg,
+        _arena_hard,
+        "atlantis arena-hard questions=question.jsonl answers=answers/atl.jsonl baseline=answers/gpt-4-0314.jsonl"
+        " judge.base_url=https://api.openai.com/v1 out=results/arena/atl.json",
     ),
     "env": Verb(
         "Build (once) the pip virtual environment of a workflow/envs/<name>.yaml, for machines without conda.",

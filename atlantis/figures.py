@@ -92,13 +92,16 @@ def fig2(cfg: FiguresConfig, families: list[str], names: dict[str, str], out: Pa
 
 
 def _run_mean(metrics_dir: Path, runs: list[str], metric: str) -> float:
+    from atlantis.report import ReportError, read_metrics
+
     vals = []
     for run in runs:
-        path = metrics_dir / f"{run}.json"
-        if path.is_file():
-            m = json.loads(path.read_text())["metrics"]
-            if metric in m:
-                vals.append(float(m[metric]))
+        try:
+            m = read_metrics(metrics_dir, run)["metrics"]
+        except ReportError:
+            continue  # a run not evaluated: its axis is left out
+        if metric in m:
+            vals.append(float(m[metric]))
     return float(np.mean(vals)) if vals else math.nan
 
 

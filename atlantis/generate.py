@@ -168,11 +168,21 @@ def _records(path: Path) -> Iterator[tuple[str, Any]]:
     yield from (_iter_json(path) if path.suffix == ".json" else _iter_jsonl(path))
 
 
+def instruction_id(instruction: str) -> str:
+    """The id of an AlpacaEval instruction without one: its content hash (`atlantis.data.content_id`)."""
+    from atlantis.data import Turn, content_id
+
+    return content_id([Turn("user", instruction)])
+
+
 def parse_question(rec: Any, where: str) -> Question:
     """One question record, or `DataError` naming file:line and the field."""
     if not isinstance(rec, dict):
         raise DataError(f"{where}: a question must be a JSON object, got {type(rec).__name__}")
     qid = rec.get("question_id")
+    if qid is None and "turns" not in rec and isinstance(rec.get("instruction", rec.get("prompt")), str):
+        # AlpacaEval's eval set has no ids: the instruction's content hash, as the data layer ids SFT samples
+        qid = instruction_id(rec.get("instruction", rec.get("prompt")))
     if isinstance(qid, bool) or not isinstance(qid, (int, str)) or qid == "":
         raise DataError(f"{where}: field 'question_id' must be a non-empty string or an integer, got {qid!r}")
     if "turns" in rec:

@@ -178,16 +178,27 @@ def reproduced_rows(matrix: dict, spec: Spec) -> dict[str, list[tuple[dict, list
 
 
 def read_metrics(metrics_dir: Path, run: str) -> dict:
-    path = metrics_dir / f"{run}.json"
-    try:
-        record = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ReportError(f"{path}: no metrics for run {run!r} (evaluate it first)") from None
-    except json.JSONDecodeError as err:
-        raise ReportError(f"{path}: not JSON ({err})") from None
-    if not isinstance(record.get("metrics"), dict):
-        raise ReportError(f"{path}: no `metrics` object")
-    return record
+    """A run's metrics: `metrics/<run>.json` (the tiny world's p*-metrics) merged with every benchmark's
+    `metrics/<run>/<benchmark>.json`; the provenance record is the world file's, else the first benchmark's."""
+    files = [metrics_dir / f"{run}.json"] + sorted((metrics_dir / run).glob("*.json"))
+    files = [f for f in files if f.is_file()]
+    if not files:
+        raise ReportError(f"{metrics_dir / run}.json: no metrics for run {run!r} (evaluate it first)")
+    merged: dict = {"metrics": {}, "files": [str(f) for f in files]}
+    for path in files:
+        try:
+            record = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ReportError(f"{path}: not JSON ({err})") from None
+        if not isinstance(record.get("metrics"), dict):
+            raise ReportError(f"{path}: no `metrics` object")
+        clash = set(record["metrics"]) & set(merged["metrics"])
+        if clash:
+            raise ReportError(f"{path}: metric(s) {sorted(clash)} already given by another file of run {run!r}")
+        merged["metrics"].update(record["metrics"])
+        if "provenance" in record and "provenance" not in merged:
+            merged["provenance"] = record["provenance"]
+    return merged
 
 
 def _norm_key(key: dict) -> tuple:
@@ -398,7 +409,10 @@ def render(cfg: ReportConfig) -> list[Path]:
         "config_sha256": provenance.config_hash(matrix["config"]),
         "report": provenance.environment(),
         "runs": {
-            run: {"metrics_sha256": provenance.file_sha256(metrics_dir / f"{run}.json"), **rec.get("provenance", {})}
+            run: {
+                "metrics_sha256": {f: provenance.file_sha256(f) for f in rec["files"]},
+                **rec.get("provenance", {}),
+            }
             for run, rec in records.items()
         },
     }

@@ -110,7 +110,8 @@ def test_tables_join_paper_rows_and_compute_paired_deltas(tmp_path):
     assert prov["config_sha256"] == provenance.config_hash(json.loads(matrix.read_text())["config"])
     rec = prov["runs"]["q-large.atlantis.seed2"]
     assert rec["seed"] == 2
-    assert rec["metrics_sha256"] == provenance.file_sha256(tmp_path / "metrics" / "q-large.atlantis.seed2.json")
+    path = tmp_path / "metrics" / "q-large.atlantis.seed2.json"
+    assert rec["metrics_sha256"] == {str(path): provenance.file_sha256(path)}
 
 
 def test_rendered_tables_contain_the_papers_numbers_exactly(tmp_path):
@@ -239,3 +240,16 @@ def test_pip_env_is_built_once_and_reused(tmp_path):
     assert subprocess.run([str(python), "-c", "import six"]).returncode == 0
     stamp = (tmp_path / "env" / "atlantis-env.json").stat().st_mtime_ns
     assert build(cfg) == python and (tmp_path / "env" / "atlantis-env.json").stat().st_mtime_ns == stamp
+
+
+def test_benchmark_files_merge_into_a_runs_metrics(tmp_path):
+    from atlantis.report import read_metrics
+
+    (tmp_path / "r.json").write_text(json.dumps({"metrics": {"mc1": 0.5}, "provenance": {"seed": 1}}))
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "mtbench.json").write_text(json.dumps({"metrics": {"mtbench_single": 6.0}}))
+    rec = read_metrics(tmp_path, "r")
+    assert rec["metrics"] == {"mc1": 0.5, "mtbench_single": 6.0} and rec["provenance"] == {"seed": 1}
+    (tmp_path / "r" / "again.json").write_text(json.dumps({"metrics": {"mc1": 0.7}}))
+    with pytest.raises(ReportError, match=r"again\.json: metric\(s\) \['mc1'\] already given"):
+        read_metrics(tmp_path, "r")

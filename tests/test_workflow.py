@@ -36,7 +36,27 @@ def _job_counts(text: str) -> dict[str, int]:
 def test_paper_plan_has_the_papers_jobs():
     text = _dry_run("--configfile", "config/paper.yaml")
     # Table 2: 3 x {SFT, ATLANTIS}; Table 3: 2 models x 2 selectors x 3 rates x 2; Table 4: 2; Table 5: 2 x 2
-    assert _job_counts(text) == {"all": 1, "train": 36, "score": 18, "select": 12, "weights": 5}
+    counts = _job_counts(text)
+    assert {k: counts[k] for k in ("train", "score", "select", "weights")} == {
+        "train": 36,
+        "score": 18,
+        "select": 12,
+        "weights": 5,
+    }
+    # the benchmarks: lm-eval for the 36 runs and Table 7's proxy; MT-Bench in one FastChat pass; AlpacaEval easy
+    # and hard and Arena-Hard-Auto for Table 2's 6 runs; answers for each question set; the packages' data
+    assert {
+        k: counts[k] for k in ("lmeval", "lmeval_proxy", "mtbench", "alpacaeval", "arena_hard", "answers", "fetch")
+    } == {
+        "lmeval": 36,
+        "lmeval_proxy": 1,
+        "mtbench": 1,
+        "alpacaeval": 12,
+        "arena_hard": 6,
+        "answers": 37 + 6 + 6,
+        "fetch": 6,
+    }
+    assert counts["tables"] == counts["figures"] == 1
     scores = re.findall(r"atlantis score model=(\S+) role=\S+ data=\S+ out=\S+ ?(.*?) >", text)
     assert len(scores) == 18 and len(set(scores)) == 18  # every scoring pass once
     trains = re.findall(r"atlantis train .*", text)
@@ -52,8 +72,12 @@ def test_tiny_plan_is_the_same_matrix(tmp_path):
     _tiny_config(tmp_path)
     counts = _job_counts(_dry_run("--configfile", "config.yaml", cwd=tmp_path))
     # the paper's 32 runs of Tables 2-5 over the tiny models, plus 2 more seeds of Table 2's 4 runs
-    assert counts["train"] == 40 and counts["world_evaluate"] == 40 and counts["weights"] == 2
+    # 40 runs and 3 fixed benchmark models (baselines / references) graded by the world
+    assert counts["train"] == 40 and counts["world_evaluate"] == 43 and counts["weights"] == 2
     assert counts["world_evaluate_proxy"] == 1  # Table 7
+    # lm-eval: the 40 runs in one process, the proxy apart; MT-Bench: one FastChat pass over all 41
+    assert (counts["lmeval"], counts["lmeval_proxy"], counts["mtbench"]) == (1, 1, 1)
+    assert (counts["alpacaeval"], counts["arena_hard"]) == (24, 12)
     assert counts["tables"] == counts["figures"] == counts["matrix"] == 1
 
 
@@ -70,7 +94,8 @@ def test_rule_graph_names_every_rule():
         [*SNAKEMAKE, "--rulegraph", "--snakefile", str(ROOT / "Snakefile")], cwd=ROOT, capture_output=True, text=True
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    for rule in ("score", "weights", "select", "train", "world_evaluate", "world_evaluate_proxy", "tables", "figures"):
+    rules = ("score", "weights", "select", "train", "world_evaluate", "world_evaluate_proxy", "tables", "figures")
+    for rule in rules + ("lmeval", "mtbench", "alpacaeval", "arena_hard"):
         assert f'label = "{rule}"' in out.stdout, rule
 
 
@@ -104,6 +129,10 @@ def _tiny_config(tmp_path: Path) -> None:
     cfg["score_extra"] = [f"render.template={jinja}"]
     cfg["train_extra"] = [f"render.template={jinja}" if "template" in x else x for x in cfg["train_extra"]]
     cfg["train_extra"].append("max_steps=3")
+    bench = cfg["benchmarks"]
+    bench["models"] = {k: str(ROOT / v) for k, v in bench["models"].items()}
+    bench["questions"] = {k: str(ROOT / v) for k, v in bench["questions"].items()}
+    bench["lm_eval"] = [f"world={world}" if x.startswith("world=") else x for x in bench["lm_eval"]]
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
 
 

@@ -287,7 +287,12 @@ def build_sets(cfg: WorldConfig) -> dict[str, list]:
         if len(fs) >= 2
     ]
     alpaca = [
-        {"instruction": q["turns"][0], "dataset": f"world-{q['category']}", "reference": q["reference"][0]}
+        {
+            "question_id": q["question_id"],  # AlpacaEval ignores it; `atlantis generate` keys answers by it
+            "instruction": q["turns"][0],
+            "dataset": f"world-{q['category']}",
+            "reference": q["reference"][0],
+        }
         for q in open_questions
     ]
     return {

@@ -143,6 +143,7 @@ def evaluate(
     template: str,
     answers_dir: str | Path,
     proxy: tuple[str, str] | None = None,
+    model_id: str | None = None,
 ) -> dict:
     """Every p*-metric of one model; greedy answers are written with `atlantis generate` to `answers_dir`.
 
@@ -206,6 +207,7 @@ def evaluate(
             max_new_tokens=8,  # an answer is a word or a number, a full stop and EOS
             batch_size=64,
             overwrite=True,
+            model_id=model_id,
         )
         generate(cfg, decoder=decoder)
         by_id = {str(a["question_id"]): a for a in _read_jsonl(out)}
@@ -250,6 +252,10 @@ class EvaluateConfig:
     template: str | None = field(None, help="Chat template (.jinja); None: the world's question/answer format.")
     proxy_small: str | None = field(None, help="Proxy-tuning (Eq. 9, Table 7): the small base model p_S.")
     proxy_ref: str | None = field(None, help="Proxy-tuning: the reference model p_r (p_S fine-tuned).")
+    answers: str | None = field(
+        None, help="Folder for the greedy answers (eval_open.jsonl, eval_mtbench.jsonl); default <out>.answers."
+    )
+    model_id: str | None = field(None, help="model_id written in the answers (FastChat's name); default: the folder's.")
 
     def __post_init__(self):
         if (self.proxy_small is None) != (self.proxy_ref is None):
@@ -262,9 +268,11 @@ def evaluate_to_file(cfg: EvaluateConfig) -> Path:
 
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    answers = out.with_name(out.name.removesuffix(".json") + ".answers")
+    answers = Path(cfg.answers) if cfg.answers else out.with_name(out.name.removesuffix(".json") + ".answers")
     proxy = (cfg.proxy_small, cfg.proxy_ref) if cfg.proxy_small else None
-    result = evaluate(cfg.model, cfg.world, cfg.template or str(TEMPLATE_PATH), answers, proxy=proxy)
+    result = evaluate(
+        cfg.model, cfg.world, cfg.template or str(TEMPLATE_PATH), answers, proxy=proxy, model_id=cfg.model_id
+    )
     record = {"model": cfg.model, "metrics": result}
     if proxy:
         record["proxy"] = {"small": proxy[0], "ref": proxy[1], "alpha": 1.0}

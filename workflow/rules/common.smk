@@ -50,9 +50,6 @@ def _large_runs():
 RUNS = _large_runs()
 # Table 7: proxy-tuning (Eq. 9) of these large models by their family's small/reference pair; nothing to train.
 PROXIES = config["experiments"].get("proxy", {}).get("large", [])
-METRICS_FILES = [f"{RESULTS}/metrics/{run}.json" for run in RUNS] + [
-    f"{RESULTS}/metrics/{lg}.proxy.json" for lg in PROXIES
-]
 
 
 def model_of(scorer):
@@ -127,3 +124,74 @@ def env_input(name):
 
 def env_python(name):
     return "python" if config.get("software", "pip") == "conda" else f".envs/{name}/bin/python"
+
+
+# ---------------------------------------------------------------------------------------------- benchmarks
+BENCH = config["benchmarks"]
+QUESTION_SETS = BENCH["questions"]
+WORLD = "world" in config
+# Fixed models of the preference benchmarks (pairwise baselines, AlpacaEval references), by name -> folder/id
+FIXED = BENCH.get("models", {})
+# Benchmark data fetched the way each package does on a networked machine (paper profile): path -> URL
+DOWNLOADS = BENCH.get("downloads", {})
+PROXY_MODELS = [f"{large}.proxy" for large in PROXIES]
+EVALUATED = list(RUNS) + PROXY_MODELS
+MODEL_PATTERN = "|".join(re.escape(m) for m in EVALUATED + list(FIXED))
+# Table 2 (and Fig. 3) report every benchmark; Tables 3-5 and 7 only TruthfulQA and MT-Bench (as the paper)
+MAIN_LARGE = config["experiments"]["main"]["large"]
+TABLE2_MODELS = [r for r, v in RUNS.items() if v["large"] in MAIN_LARGE and "subset" not in v and not v.get("cross")]
+MTBENCH_MODELS = EVALUATED
+
+
+def model_path(model):
+    """A model's folder (or Hub id): a run's `final`, or a fixed benchmark model."""
+    return f"{RESULTS}/runs/{model}/final" if model in RUNS else FIXED[model]
+
+
+def model_input(w):
+    return {"model": f"{RESULTS}/runs/{w.model}/final"} if w.model in RUNS else {}
+
+
+def proxy_triple(model):
+    large = model.removesuffix(".proxy")
+    family = config["families"][config["large"][large]["family"]]
+    return config["large"][large]["model"], family["small"], family["ref"]
+
+
+def lmeval_source(model):
+    if model.endswith(".proxy") and model.removesuffix(".proxy") in PROXIES:
+        large, small, ref = proxy_triple(model)
+        return f"proxy_large={large} proxy_small={small} proxy_ref={ref}"
+    return f"model={model_path(model)}"
+
+
+def generate_source(model):
+    if model in PROXY_MODELS:
+        large, small, ref = proxy_triple(model)
+        return f"large={large} small={small} ref={ref}"
+    return f"model={model_path(model)}"
+
+
+def answers_file(model, bench):
+    return f"{RESULTS}/answers/{model}/{BENCH['answer_files'][bench]}.jsonl"
+
+
+def baseline_answers(bench, name):
+    """A fixed model's answers: fetched (paper: `benchmarks.<bench>.answers_of`), or generated like any model's."""
+    fetched = BENCH[bench].get("answers_of", {})
+    return fetched[name] if name in fetched else answers_file(name, bench)
+
+
+def judge_settings(bench):
+    """The judge of a benchmark: the world judge (tiny), or the configured endpoint; the key stays in its
+    environment variable, only the variable's name is passed."""
+    j = {**BENCH.get("judge", {}), **BENCH[bench].get("judge", {})}
+    parts = [f"judge.{k}={v}" for k, v in j.items()]
+    return " ".join(parts + ([f"world={config['world']}"] if WORLD else []))
+
+
+METRICS_FILES = [f"{RESULTS}/metrics/{m}.json" for m in EVALUATED] if WORLD else []
+METRICS_FILES += [f"{RESULTS}/metrics/{m}/lmeval.json" for m in EVALUATED]
+METRICS_FILES += [f"{RESULTS}/metrics/{m}/mtbench.json" for m in MTBENCH_MODELS]
+METRICS_FILES += [f"{RESULTS}/metrics/{m}/alpacaeval_{lv}.json" for m in TABLE2_MODELS for lv in ("easy", "hard")]
+METRICS_FILES += [f"{RESULTS}/metrics/{m}/arena_hard.json" for m in TABLE2_MODELS]

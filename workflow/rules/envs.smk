@@ -4,7 +4,7 @@
 
 rule pip_env:
     input:
-        "workflow/envs/{env}.yaml",
+        lambda w: os.path.join(workflow.basedir, "workflow", "envs", f"{w.env}.yaml"),
     output:
         ".envs/{env}/atlantis-env.json",
     log:

@@ -1,41 +1,71 @@
-# Evaluation of every trained run. The tiny profile grades with the world's ground truth (p*-metrics); the
-# benchmark packages (lm-eval, fschat, alpaca-eval, Arena-Hard-Auto) come with issue 6.
+# Answers and the tiny world's own grading. The tiny profile grades every model with the world's ground truth
+# (p*-metrics, `atlantis world evaluate`), which also writes the greedy answers the benchmarks judge; the paper
+# profile generates them with `atlantis generate` (FastChat's answer format; rule `answers`).
 
+if WORLD:
 
-rule world_evaluate:
-    input:
-        f"{RESULTS}/runs/{{run}}/final",
-    output:
-        f"{RESULTS}/metrics/{{run}}.json",
-    log:
-        f"{RESULTS}/logs/evaluate/{{run}}.log",
-    wildcard_constraints:
-        run="|".join(re.escape(run) for run in RUNS),
-    conda:
-        "../envs/atlantis.yaml"
-    threads: 2
-    params:
-        world=config.get("world", ""),
-    shell:
-        "atlantis world evaluate model={input} world={params.world} out={output} > {log} 2>&1"
+    rule world_evaluate:
+        input:
+            unpack(model_input),
+        output:
+            metrics=f"{RESULTS}/metrics/{{model}}.json",
+            answers=[f"{RESULTS}/answers/{{model}}/{name}.jsonl" for name in ("eval_open", "eval_mtbench")],
+        log:
+            f"{RESULTS}/logs/evaluate/{{model}}.log",
+        wildcard_constraints:
+            model="|".join(re.escape(m) for m in list(RUNS) + list(FIXED)),
+        conda:
+            "../envs/atlantis.yaml"
+        threads: 2
+        params:
+            world=config.get("world", ""),
+            model=lambda w: model_path(w.model),
+            answers=lambda w, output: os.path.dirname(output.answers[0]),
+        shell:
+            "atlantis world evaluate model={params.model} model_id={wildcards.model} world={params.world}"
+            " answers={params.answers} out={output.metrics} > {log} 2>&1"
 
+    rule world_evaluate_proxy:
+        output:
+            metrics=f"{RESULTS}/metrics/{{large}}.proxy.json",
+            answers=[f"{RESULTS}/answers/{{large}}.proxy/{name}.jsonl" for name in ("eval_open", "eval_mtbench")],
+        log:
+            f"{RESULTS}/logs/evaluate/{{large}}.proxy.log",
+        wildcard_constraints:
+            large="|".join(re.escape(large) for large in PROXIES) or "$^",
+        conda:
+            "../envs/atlantis.yaml"
+        threads: 2
+        params:
+            world=config.get("world", ""),
+            triple=lambda w: proxy_triple(f"{w.large}.proxy"),
+            answers=lambda w, output: os.path.dirname(output.answers[0]),
+        shell:
+            "atlantis world evaluate model={params.triple[0]} proxy_small={params.triple[1]}"
+            " proxy_ref={params.triple[2]} model_id={wildcards.large}.proxy world={params.world}"
+            " answers={params.answers} out={output.metrics} > {log} 2>&1"
 
-rule world_evaluate_proxy:
-    input:
-        lambda w: config["large"][w.large]["model"],
-    output:
-        f"{RESULTS}/metrics/{{large}}.proxy.json",
-    log:
-        f"{RESULTS}/logs/evaluate/{{large}}.proxy.log",
-    wildcard_constraints:
-        large="|".join(re.escape(large) for large in PROXIES) or "$^",
-    conda:
-        "../envs/atlantis.yaml"
-    threads: 2
-    params:
-        world=config.get("world", ""),
-        small=lambda w: config["families"][config["large"][w.large]["family"]]["small"],
-        ref=lambda w: config["families"][config["large"][w.large]["family"]]["ref"],
-    shell:
-        "atlantis world evaluate model={input} proxy_small={params.small} proxy_ref={params.ref}"
-        " world={params.world} out={output} > {log} 2>&1"
+else:
+
+    rule answers:
+        input:
+            unpack(model_input),
+            questions=lambda w: QUESTION_SETS[w.qset],
+        output:
+            f"{RESULTS}/answers/{{model}}/{{qset}}.jsonl",
+        log:
+            f"{RESULTS}/logs/answers/{{model}}.{{qset}}.log",
+        wildcard_constraints:
+            model=MODEL_PATTERN,
+            qset="|".join(QUESTION_SETS),
+        conda:
+            "../envs/atlantis.yaml"
+        resources:
+            gpu=config["benchmarks"]["gpus"],
+            runtime=config["benchmarks"]["hours"] * 60,
+        params:
+            source=lambda w: generate_source(w.model),
+            extra=lambda w: " ".join(BENCH["generate"].get(w.qset, [])),
+        shell:
+            "atlantis generate {params.source} model_id={wildcards.model} questions={input.questions} out={output}"
+            " {params.extra} > {log} 2>&1"

@@ -12,6 +12,8 @@ rule matrix:
         "../envs/atlantis.yaml"
     params:
         runs=RUNS,
+        # the whole config as a parameter: any change of it (the report mapping, the matrix) rewrites the matrix
+        config=config,
     script:
         "../scripts/matrix.py"
 
@@ -39,7 +41,7 @@ rule tables:
     conda:
         "../envs/atlantis.yaml"
     params:
-        metrics=lambda w, input: os.path.dirname(input.metrics[0]),
+        metrics=lambda w, input: os.path.commonpath(input.metrics),
         out=lambda w, output: os.path.dirname(output.provenance),
     shell:
         "atlantis report matrix={input.matrix} metrics={params.metrics} out={params.out} > {log} 2>&1"
@@ -64,7 +66,7 @@ rule figures:
         "../envs/atlantis.yaml"
     params:
         weights=lambda w, input: os.path.dirname(input.weights[0]),
-        metrics=lambda w, input: os.path.dirname(input.metrics[0]),
+        metrics=lambda w, input: os.path.commonpath(input.metrics),
         out=lambda w, output: os.path.dirname(output.stats),
     shell:
         "atlantis figures matrix={input.matrix} weights={params.weights} metrics={params.metrics} out={params.out}"

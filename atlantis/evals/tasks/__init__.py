@@ -1,0 +1,1 @@
+"""lm-eval task definitions of the tiny world (YAML) and the document/result functions they name."""

@@ -1,0 +1,160 @@
+# The paper's benchmarks through their packages, for every evaluated model: lm-eval (TruthfulQA, Open LLM
+# Leaderboard v2; the tiny world's own tasks), MT-Bench via FastChat's judge (all models in one pass, as its
+# --model-list does), AlpacaEval easy/hard and Arena-Hard-Auto (Table 2's runs). Judges: any OpenAI-compatible
+# endpoint (config `benchmarks.judge`), or the tiny world's judge, served by the rule that needs it.
+# Results: metrics/<model>/<benchmark>.json, merged per model by `atlantis report`.
+
+
+if WORLD:
+
+    # the tiny world's 40 models in one process: lm-eval's imports and task index are paid once
+    rule lmeval:
+        input:
+            [f"{RESULTS}/runs/{run}/final" for run in RUNS],
+        output:
+            [f"{RESULTS}/metrics/{run}/lmeval.json" for run in RUNS],
+        log:
+            f"{RESULTS}/logs/lmeval/runs.log",
+        conda:
+            "../envs/atlantis.yaml"
+        threads: 2
+        resources:
+            gpu=config["benchmarks"]["gpus"],
+            runtime=config["benchmarks"]["hours"] * 60 * len(RUNS),
+        params:
+            models=lambda w, input: ",".join(input),
+            out=lambda w, output: ",".join(output),
+            extra=" ".join(config["benchmarks"]["lm_eval"]),
+        shell:
+            "atlantis lmeval model={params.models} out={params.out} {params.extra} > {log} 2>&1"
+
+else:
+
+    # the paper's models: one GPU job each (the leaderboard takes hours per model)
+    rule lmeval:
+        input:
+            unpack(model_input),
+        output:
+            f"{RESULTS}/metrics/{{model}}/lmeval.json",
+        log:
+            f"{RESULTS}/logs/lmeval/{{model}}.log",
+        wildcard_constraints:
+            model="|".join(re.escape(run) for run in RUNS),
+        conda:
+            "../envs/atlantis.yaml"
+        threads: 2
+        resources:
+            gpu=config["benchmarks"]["gpus"],
+            runtime=config["benchmarks"]["hours"] * 60,
+        params:
+            source=lambda w: lmeval_source(w.model),
+            extra=" ".join(config["benchmarks"]["lm_eval"]),
+        shell:
+            "atlantis lmeval {params.source} out={output} {params.extra} > {log} 2>&1"
+
+
+rule lmeval_proxy:
+    output:
+        f"{RESULTS}/metrics/{{large}}.proxy/lmeval.json",
+    log:
+        f"{RESULTS}/logs/lmeval/{{large}}.proxy.log",
+    wildcard_constraints:
+        large="|".join(re.escape(large) for large in PROXIES) or "$^",
+    conda:
+        "../envs/atlantis.yaml"
+    threads: 2
+    resources:
+        gpu=config["benchmarks"]["gpus"],
+        runtime=config["benchmarks"]["hours"] * 60,
+    params:
+        source=lambda w: lmeval_source(f"{w.large}.proxy"),
+        extra=" ".join(config["benchmarks"]["lm_eval"]),
+    shell:
+        "atlantis lmeval {params.source} out={output} {params.extra} > {log} 2>&1"
+
+
+rule mtbench:
+    input:
+        answers=[answers_file(m, "mtbench") for m in MTBENCH_MODELS],
+        baseline=baseline_answers("mtbench", BENCH["mtbench"]["baseline"]),
+        env=env_input("fschat"),
+    output:
+        [f"{RESULTS}/metrics/{m}/mtbench.json" for m in MTBENCH_MODELS],
+    log:
+        f"{RESULTS}/logs/mtbench.log",
+    conda:
+        "../envs/fschat.yaml"
+    params:
+        ids=",".join(MTBENCH_MODELS),
+        answers=lambda w, input: ",".join(input.answers),
+        out=lambda w, output: ",".join(output),
+        baseline=BENCH["mtbench"]["baseline"],
+        questions=QUESTION_SETS[BENCH["answer_files"]["mtbench"]],
+        judge=judge_settings("mtbench"),
+        python=env_python("fschat"),
+    shell:
+        "atlantis mtbench questions={params.questions} answers={params.answers} model_ids={params.ids} out={params.out}"
+        " baseline_answers={input.baseline} baseline_id={params.baseline} fschat_python={params.python}"
+        " {params.judge} > {log} 2>&1"
+
+
+rule alpacaeval:
+    input:
+        answers=lambda w: answers_file(w.model, "alpacaeval"),
+        reference=lambda w: baseline_answers("alpacaeval", BENCH["alpacaeval"][w.level]["reference"]),
+        env=env_input("alpaca-eval"),
+    output:
+        f"{RESULTS}/metrics/{{model}}/alpacaeval_{{level}}.json",
+    log:
+        f"{RESULTS}/logs/alpacaeval/{{model}}.{{level}}.log",
+    wildcard_constraints:
+        model=MODEL_PATTERN,
+        level="easy|hard",
+    conda:
+        "../envs/alpaca-eval.yaml"
+    params:
+        questions=QUESTION_SETS["alpaca"],
+        annotator=lambda w: BENCH["alpacaeval"][w.level]["annotator"],
+        reference=lambda w: BENCH["alpacaeval"][w.level]["reference"],
+        judge=judge_settings("alpacaeval"),
+        python=env_python("alpaca-eval"),
+    shell:
+        "atlantis alpacaeval answers={input.answers} questions={params.questions} model_id={wildcards.model}"
+        " reference={input.reference} reference_id={params.reference} annotator={params.annotator}"
+        " metric=alpacaeval_{wildcards.level} alpaca_python={params.python} {params.judge} out={output} > {log} 2>&1"
+
+
+rule arena_hard:
+    input:
+        answers=lambda w: answers_file(w.model, "arena"),
+        baseline=baseline_answers("arena", BENCH["arena"]["baseline"]),
+    output:
+        f"{RESULTS}/metrics/{{model}}/arena_hard.json",
+    log:
+        f"{RESULTS}/logs/arena_hard/{{model}}.log",
+    wildcard_constraints:
+        model=MODEL_PATTERN,
+    conda:
+        "../envs/atlantis.yaml"
+    params:
+        questions=QUESTION_SETS["arena"],
+        judge=judge_settings("arena"),
+    shell:
+        "atlantis arena-hard questions={params.questions} answers={input.answers} baseline={input.baseline}"
+        " {params.judge} out={output} > {log} 2>&1"
+
+
+rule fetch:
+    output:
+        "{path}",
+    log:
+        "results/logs/fetch/{path}.log",
+    wildcard_constraints:
+        path="|".join(re.escape(p) for p in DOWNLOADS) or "$^",
+    localrule: True
+    conda:
+        "../envs/atlantis.yaml"
+    params:
+        url=lambda w: DOWNLOADS[w.path],
+    shell:
+        "curl -fsSL --retry 3 -o {output} {params.url} > {log} 2>&1"
