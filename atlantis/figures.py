@@ -92,14 +92,13 @@ def fig2(cfg: FiguresConfig, families: list[str], names: dict[str, str], out: Pa
 
 
 def _run_mean(metrics_dir: Path, runs: list[str], metric: str) -> float:
-    from atlantis.report import ReportError, read_metrics
+    from atlantis.report import read_metrics
 
     vals = []
     for run in runs:
-        try:
-            m = read_metrics(metrics_dir, run)["metrics"]
-        except ReportError:
-            continue  # a run not evaluated: its axis is left out
+        if not (metrics_dir / f"{run}.json").is_file() and not (metrics_dir / run).is_dir():
+            continue  # a run not evaluated (yet): left out; a broken metrics file still raises
+        m = read_metrics(metrics_dir, run)["metrics"]
         if metric in m:
             vals.append(float(m[metric]))
     return float(np.mean(vals)) if vals else math.nan

@@ -226,7 +226,8 @@ def build_table(
         for run in runs:
             rec = records[run]
             if metric in rec["metrics"]:
-                out[rec.get("provenance", {}).get("seed") or 0] = float(rec["metrics"][metric]) * scale
+                # the seed the workflow gave the run (its matrix entry), not whatever a metrics file recorded
+                out[int(rec.get("seed", 0))] = float(rec["metrics"][metric]) * scale
         return out
 
     values = []
@@ -378,6 +379,8 @@ def render(cfg: ReportConfig) -> list[Path]:
     rows = reproduced_rows(matrix, spec)
     needed = sorted({run for table in rows.values() for _, runs in table for run in runs})
     records = {run: read_metrics(metrics_dir, run) for run in needed}  # every missing file is reported first
+    for run, rec in records.items():
+        rec["seed"] = matrix["runs"].get(run, {}).get("seed", 0)
     written = []
     profile = matrix["config"]["profile"]
     for name, (keys, _, baseline, caption) in TABLES.items():
@@ -412,6 +415,7 @@ def render(cfg: ReportConfig) -> list[Path]:
             run: {
                 "metrics_sha256": {f: provenance.file_sha256(f) for f in rec["files"]},
                 **rec.get("provenance", {}),
+                "seed": matrix["runs"].get(run, {}).get("seed", 0) if run in matrix["runs"] else None,
             }
             for run, rec in records.items()
         },
@@ -442,7 +446,8 @@ def world_table(matrix: dict, metrics_dir: Path, out: Path, metric_names: dict[s
     rows = []
     for run in _world_runs(matrix):
         rec = read_metrics(metrics_dir, run)
-        rows.append({"run": run, "seed": rec.get("provenance", {}).get("seed"), **rec["metrics"]})
+        seed = matrix["runs"][run].get("seed", 0) if run in matrix["runs"] else None  # None: not a training run
+        rows.append({"run": run, "seed": seed, **{m: rec["metrics"].get(m, math.nan) for m in metric_names}})
     df = pd.DataFrame(rows)
     df.to_csv(out / "world_metrics.csv", index=False)
     header = ["run", "seed"] + [

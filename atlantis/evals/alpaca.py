@@ -101,8 +101,10 @@ def run(cfg: AlpacaEvalConfig) -> Path:
     """`atlantis alpacaeval`: the package's evaluate on this model's outputs against the reference."""
     from atlantis.evals.world_judge import judge_endpoint
 
-    python = os.path.abspath(cfg.alpaca_python)  # absolute, not resolved (a venv's python is a symlink)
-    if not Path(python).is_file():
+    # absolute, not resolved (a venv's python is a symlink); or an interpreter on PATH
+    found = cfg.alpaca_python if Path(cfg.alpaca_python).is_file() else shutil.which(cfg.alpaca_python)
+    python = os.path.abspath(found) if found else ""
+    if not found:
         raise AlpacaEvalError(
             f"{cfg.alpaca_python}: no alpaca-eval environment (atlantis env spec=workflow/envs/alpaca-eval.yaml "
             "out=.envs/alpaca-eval)"

@@ -137,7 +137,12 @@ def single_score(judgments: list[dict], model_id: str) -> tuple[float, dict]:
     }
     if not scores:
         raise MTBenchError(f"no valid single-answer judgment for {model_id}")
-    counts = {"judged": len(scores), "invalid": sum(1 for j in judgments if j["model"] == model_id) - len(scores)}
+    invalid = sum(1 for j in judgments if j["model"] == model_id) - len(scores)
+    if invalid:  # FastChat records a judge failure (after its retries) or an unreadable reply as score -1
+        log.warning(
+            "%s: %d single-answer judgment(s) without a rating, left out as show_result does", model_id, invalid
+        )
+    counts = {"judged": len(scores), "invalid": invalid}
     counts.update({f"turn{t}": (sum(v) / len(v) if v else None) for t, v in turns.items()})
     return sum(scores) / len(scores), counts
 
@@ -145,9 +150,12 @@ def single_score(judgments: list[dict], model_id: str) -> tuple[float, dict]:
 def pairwise_rates(judgments: list[dict], model_id: str, baseline_id: str) -> dict:
     """FastChat's `display_result_pairwise` for one model against the baseline: games with an "error" winner
     are dropped; g1 and g2 (positions swapped) must agree for a win, otherwise it is a tie."""
-    win = loss = tie = 0
+    win = loss = tie = errors = 0
     for j in judgments:
-        if "error" in (j["g1_winner"], j["g2_winner"]) or {j["model_1"], j["model_2"]} != {model_id, baseline_id}:
+        if {j["model_1"], j["model_2"]} != {model_id, baseline_id}:
+            continue
+        if "error" in (j["g1_winner"], j["g2_winner"]):
+            errors += 1
             continue
         if j["g1_winner"] == "tie" or j["g1_winner"] != j["g2_winner"]:
             tie += 1
@@ -157,12 +165,22 @@ def pairwise_rates(judgments: list[dict], model_id: str, baseline_id: str) -> di
     n = win + loss + tie
     if n == 0:
         raise MTBenchError(f"no valid pairwise judgment of {model_id} against {baseline_id}")
-    return {"win": win, "loss": loss, "tie": tie, "win_rate": win / n, "win_rate_adjusted": (win + 0.5 * tie) / n}
+    if errors:
+        log.warning("%s: %d pairwise judgment(s) failed, left out as show_result does", model_id, errors)
+    return {
+        "win": win,
+        "loss": loss,
+        "tie": tie,
+        "errors": errors,
+        "win_rate": win / n,
+        "win_rate_adjusted": (win + 0.5 * tie) / n,
+    }
 
 
 def _fastchat(cfg: MTBenchConfig, work: Path, env: dict, module: str, *args: str, stdin: str = "") -> str:
     # absolute, not resolved: a venv's python is a symlink to the base interpreter
-    cmd = [os.path.abspath(cfg.fschat_python), "-m", f"fastchat.llm_judge.{module}", *args]
+    python = cfg.fschat_python if Path(cfg.fschat_python).is_file() else shutil.which(cfg.fschat_python)
+    cmd = [os.path.abspath(python), "-m", f"fastchat.llm_judge.{module}", *args]
     proc = subprocess.run(cmd, cwd=work, env=env, input=stdin, capture_output=True, text=True)
     if proc.returncode != 0:
         raise MTBenchError(f"fastchat {module} failed ({proc.returncode}): {redact(proc.stderr[-2000:])}")
@@ -173,7 +191,7 @@ def run(cfg: MTBenchConfig) -> list[Path]:
     """`atlantis mtbench`: judge the models' answers with FastChat's llm_judge; one metrics JSON per model."""
     from atlantis.evals.world_judge import judge_endpoint
 
-    if not Path(cfg.fschat_python).is_file():
+    if not Path(cfg.fschat_python).is_file() and shutil.which(cfg.fschat_python) is None:
         raise MTBenchError(
             f"{cfg.fschat_python}: no fschat environment (build it: atlantis env "
             "spec=workflow/envs/fschat.yaml out=.envs/fschat)"
@@ -196,8 +214,9 @@ def run(cfg: MTBenchConfig) -> list[Path]:
         (bench / "question.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
         shutil.copy(data / "judge_prompts.jsonl", work / "data" / "judge_prompts.jsonl")
         gpt4_refs = data / "mt_bench" / "reference_answer" / "gpt-4.jsonl"
-        refs = cfg.reference_answers or (None if cfg.questions else gpt4_refs)
-        if refs:
+        # FastChat grades math/reasoning/coding against references (NEED_REF_CATS); MT-Bench's GPT-4 ones by default
+        refs = cfg.reference_answers or gpt4_refs
+        if Path(refs).is_file():
             # FastChat looks the references up under the judge model's name
             shutil.copy(refs, bench / "reference_answer" / f"{judge.model}.jsonl")
         for name, rows in answers.items():

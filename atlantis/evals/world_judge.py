@@ -36,6 +36,9 @@ from atlantis.world.metrics import judge_rating
 log = get_logger(__name__)
 
 
+WORLD_KEY_ENV = "ATLANTIS_WORLD_JUDGE_KEY"
+
+
 class JudgeInputError(ValueError):
     """The judge prompt cannot be graded (unknown format or a question the world does not have)."""
 
@@ -101,8 +104,9 @@ def _turns(conversation: str, who: str) -> list[tuple[str, str]]:
 
 
 def arena_label(ra: int, rb: int) -> str:
-    """Arena-Hard's verdict from two world ratings: a gap of 5 or more (a true answer against a wrong one) is
-    "significantly better", a smaller one (sloppy against wrong, or true against sloppy) "slightly better"."""
+    """Arena-Hard's verdict from two world ratings (10 / 7 / 2 / 1): a gap of 5 or more (a true answer, well formed
+    or sloppy, against a wrong one) is "significantly better"; a smaller one (well formed against sloppy, or the
+    misconception against another wrong value) "slightly better"."""
     if ra == rb:
         return "A=B"
     better, gap = ("A", "B") if ra > rb else ("B", "A"), abs(ra - rb)
@@ -256,7 +260,8 @@ def judge_endpoint(judge, world: str | Path | None):
     if not world:
         yield judge
         return
-    var = judge.api_key_env or "OPENAI_API_KEY"
-    os.environ.setdefault(var, "world-judge-local")
+    # its own key in its own variable: a real OPENAI_API_KEY in the environment is never sent to it
+    var = WORLD_KEY_ENV
+    os.environ[var] = "world-judge-local"
     with serve(world, api_key=os.environ[var]) as url:
         yield dataclasses.replace(judge, base_url=url, api_key_env=var)

@@ -82,8 +82,10 @@ rule mtbench:
         [f"{RESULTS}/metrics/{m}/mtbench.json" for m in MTBENCH_MODELS],
     log:
         f"{RESULTS}/logs/mtbench.log",
+    # judge calls need the API, not a GPU: on the submit host (compute nodes may have no internet)
+    localrule: True
     conda:
-        "../envs/fschat.yaml"
+        "../envs/atlantis.yaml"
     params:
         ids=",".join(MTBENCH_MODELS),
         answers=lambda w, input: ",".join(input.answers),
@@ -110,13 +112,15 @@ rule alpacaeval:
     wildcard_constraints:
         model=MODEL_PATTERN,
         level="easy|hard",
+    # judge calls need the API, not a GPU: on the submit host (compute nodes may have no internet)
+    localrule: True
     conda:
-        "../envs/alpaca-eval.yaml"
+        "../envs/atlantis.yaml"
     params:
         questions=QUESTION_SETS["alpaca"],
         annotator=lambda w: BENCH["alpacaeval"][w.level]["annotator"],
         reference=lambda w: BENCH["alpacaeval"][w.level]["reference"],
-        judge=judge_settings("alpacaeval"),
+        judge=lambda w: judge_settings("alpacaeval", w.level),
         python=env_python("alpaca-eval"),
     shell:
         "atlantis alpacaeval answers={input.answers} questions={params.questions} model_id={wildcards.model}"
@@ -129,11 +133,15 @@ rule arena_hard:
         answers=lambda w: answers_file(w.model, "arena"),
         baseline=baseline_answers("arena", BENCH["arena"]["baseline"]),
     output:
-        f"{RESULTS}/metrics/{{model}}/arena_hard.json",
+        metrics=f"{RESULTS}/metrics/{{model}}/arena_hard.json",
+        # declared, so a rerun (new answers) starts a fresh cache instead of refusing the stale one
+        judgments=f"{RESULTS}/metrics/{{model}}/arena_hard.judgments.jsonl",
     log:
         f"{RESULTS}/logs/arena_hard/{{model}}.log",
     wildcard_constraints:
         model=MODEL_PATTERN,
+    # judge calls need the API, not a GPU: on the submit host (compute nodes may have no internet)
+    localrule: True
     conda:
         "../envs/atlantis.yaml"
     params:
@@ -141,7 +149,7 @@ rule arena_hard:
         judge=judge_settings("arena"),
     shell:
         "atlantis arena-hard questions={params.questions} answers={input.answers} baseline={input.baseline}"
-        " {params.judge} out={output} > {log} 2>&1"
+        " {params.judge} judgments={output.judgments} out={output.metrics} > {log} 2>&1"
 
 
 rule fetch:

@@ -116,14 +116,15 @@ SCORE_PASSES = sorted(
 )
 
 
-# A benchmark's own environment (workflow/envs/<name>.yaml): `software: conda` lets Snakemake build it from the
-# rule's `conda:`; `software: pip` (the default, no conda needed) builds .envs/<name> once (rule pip_env).
+# A benchmark package's own environment (workflow/envs/<name>.yaml, conflicting with the main one): built once as
+# .envs/<name> from the file's pip list (rule pip_env), with or without conda; the rule itself runs `atlantis`
+# in the main environment, which calls that environment's python.
 def env_input(name):
-    return [] if config.get("software", "pip") == "conda" else [f".envs/{name}/atlantis-env.json"]
+    return [f".envs/{name}/atlantis-env.json"]
 
 
 def env_python(name):
-    return "python" if config.get("software", "pip") == "conda" else f".envs/{name}/bin/python"
+    return f".envs/{name}/bin/python"
 
 
 # ---------------------------------------------------------------------------------------------- benchmarks
@@ -182,10 +183,11 @@ def baseline_answers(bench, name):
     return fetched[name] if name in fetched else answers_file(name, bench)
 
 
-def judge_settings(bench):
-    """The judge of a benchmark: the world judge (tiny), or the configured endpoint; the key stays in its
-    environment variable, only the variable's name is passed."""
+def judge_settings(bench, level=None):
+    """The judge of a benchmark (and level: AlpacaEval 2.0's annotator calls another model than 1.0's): the world
+    judge (tiny), or the configured endpoint; the key stays in its variable, only the variable's name is passed."""
     j = {**BENCH.get("judge", {}), **BENCH[bench].get("judge", {})}
+    j.update(BENCH[bench][level].get("judge", {}) if level else {})
     parts = [f"judge.{k}={v}" for k, v in j.items()]
     return " ".join(parts + ([f"world={config['world']}"] if WORLD else []))
 
