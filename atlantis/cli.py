@@ -138,6 +138,18 @@ def _lmeval(cfg):
     return run_all(cfg)
 
 
+def _judge_check_cfg():
+    from atlantis.evals.judge import JudgeConfig
+
+    return JudgeConfig
+
+
+def _judge_check(cfg):
+    from atlantis.evals.judge import check
+
+    return check(cfg)
+
+
 def _mtbench_cfg():
     from atlantis.evals.mtbench import MTBenchConfig
 
@@ -272,6 +284,12 @@ VERBS: dict[str, Verb] = {
         _lmeval,
         "atlantis lmeval model=results/tiny/world/models/lumi-large tasks=world out=lmeval.json"
         "  (proxy: proxy_large=... proxy_small=... proxy_ref=...)",
+    ),
+    "judge-check": Verb(
+        "Check a judge endpoint and its key with one request (the workflow runs it before any answer is generated).",
+        _judge_check_cfg,
+        _judge_check,
+        "atlantis judge-check base_url=https://api.openai.com/v1 model=gpt-4 api_key_env=OPENAI_API_KEY",
     ),
     "mtbench": Verb(
         "MT-Bench single and pairwise through FastChat's judge (fschat env), on any OpenAI-compatible endpoint.",

@@ -57,6 +57,9 @@ def test_paper_plan_has_the_papers_jobs():
         "fetch": 6,
     }
     assert counts["tables"] == counts["figures"] == 1
+    assert counts["judge_check"] == 1  # every judge endpoint and key, before any answer is generated
+    answers = re.findall(r"rule answers:\n    input: (.*)", text)
+    assert answers and all("results/paper/logs/judges.checked" in a for a in answers)
     scores = re.findall(r"atlantis score model=(\S+) role=\S+ data=\S+ out=\S+ ?(.*?) >", text)
     assert len(scores) == 18 and len(set(scores)) == 18  # every scoring pass once
     trains = re.findall(r"atlantis train .*", text)

@@ -509,8 +509,13 @@ def _run(cfg: ArenaHardConfig) -> Path:
                     log.info("judged %d/%d games", done[0], len(jobs))
 
         with ThreadPoolExecutor(max_workers=cfg.parallel) as pool:
-            for fut in [pool.submit(work, job) for job in jobs]:
-                fut.result()  # a judge error (after its retries) stops the run; finished games stay cached
+            futures = [pool.submit(work, job) for job in jobs]
+            try:
+                for fut in futures:
+                    fut.result()  # a judge error (after its retries) stops the run; finished games stay cached
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)  # no further (paid) calls once one has failed
+                raise
     else:
         log.info("Arena-Hard: all %d game(s) cached in %s; not calling the judge", 2 * len(todo_q), path)
 

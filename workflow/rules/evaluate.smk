@@ -47,10 +47,25 @@ if WORLD:
 
 else:
 
+    # every judge endpoint and key, checked once before any GPU hour goes into answers that no judge could grade
+    rule judge_check:
+        output:
+            touch(f"{RESULTS}/logs/judges.checked"),
+        log:
+            f"{RESULTS}/logs/judge_check.log",
+        localrule: True
+        conda:
+            "../envs/atlantis.yaml"
+        params:
+            checks=[judge_settings(b, lv).replace("judge.", "") for b, lv in JUDGED],
+        shell:
+            "for judge in {params.checks:q}; do atlantis judge-check $judge; done > {log} 2>&1"
+
     rule answers:
         input:
             unpack(model_input),
             questions=lambda w: QUESTION_SETS[w.qset],
+            judges=f"{RESULTS}/logs/judges.checked",
         output:
             f"{RESULTS}/answers/{{model}}/{{qset}}.jsonl",
         log:
