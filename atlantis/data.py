@@ -117,6 +117,14 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
                 raise DataError(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno})") from err
 
 
+def read_jsonl(path: str | Path) -> list[Any]:
+    """Every record of a JSONL file; a malformed line is a `DataError` naming file:line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    return [rec for _, rec in _iter_jsonl(path)]
+
+
 def _iter_json(path: Path) -> Iterator[tuple[str, Any]]:
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))

@@ -18,6 +18,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.api.registry import get_model  # noqa: E402
 from lm_eval.tasks._yaml_loader import load_yaml  # noqa: E402
 
+from atlantis.data import read_jsonl  # noqa: E402
 from atlantis.evals.lmeval import (  # noqa: E402
     BBH_CHOICES,
     LEADERBOARD,
@@ -59,10 +60,6 @@ def large():
     return model, AutoTokenizer.from_pretrained(LARGE)
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 @torch.no_grad()
 def _hand_loglik(model, tok, context: str, continuation: str) -> float:
     """Σ log p(continuation | context), tokenised and left-truncated to the context window as lm-eval's hf model
@@ -93,7 +90,7 @@ def test_world_truthfulqa_is_lm_evals_task_on_world_data(task_manager, large, tm
 
     samples = {(r["task"], r["doc_id"]): r for r in map(json.loads, out.with_name("tqa.samples.jsonl").open())}
     mc = []
-    for i, raw in enumerate(_read_jsonl(WORLD / "data" / "eval_truthfulqa.jsonl")[:N_DOCS]):
+    for i, raw in enumerate(read_jsonl(WORLD / "data" / "eval_truthfulqa.jsonl")[:N_DOCS]):
         doc = mc1_task.test_docs()[i]
         question = raw["question"].removeprefix("Q: ")
         context = mc1_task.doc_to_text(doc)
@@ -136,7 +133,7 @@ def test_world_truthfulqa_qa_reproduces_the_worlds_own_mc_scores(task_manager, l
     assert loaded["world_truthfulqa_mc2_qa"].config.process_results is installed["truthfulqa_mc2"]["process_results"]
     assert loaded["world_truthfulqa_mc1_qa"].config.process_results is None  # lm-eval's own `acc` for MC1
 
-    raw = _read_jsonl(WORLD / "data" / "eval_truthfulqa.jsonl")[:N_DOCS]
+    raw = read_jsonl(WORLD / "data" / "eval_truthfulqa.jsonl")[:N_DOCS]
     samples = {(r["task"], r["doc_id"]): r for r in map(json.loads, out.with_name("qa.samples.jsonl").open())}
     template = str(TEMPLATE_PATH)  # atlantis/world/qa.jinja, as `atlantis world evaluate` passes it
     mc = []
@@ -170,7 +167,7 @@ def test_world_sums_exact_match(task_manager, large, tmp_path):
     assert math.isfinite(em) and 0 <= em <= 100
 
     hits = []
-    for row in _read_jsonl(WORLD / "data" / "eval_skill.jsonl")[:6]:
+    for row in read_jsonl(WORLD / "data" / "eval_skill.jsonl")[:6]:
         ids = tok(row["question"], return_tensors="pt")["input_ids"]
         gen = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id)
         text = tok.decode(gen[0, ids.shape[1] :], skip_special_tokens=True).split("\n")[0]

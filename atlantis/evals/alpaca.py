@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from atlantis.config import field
+from atlantis.data import read_jsonl
 from atlantis.evals.judge import JudgeConfig, check, public, redact
 from atlantis.log import get_logger
 
@@ -61,15 +62,8 @@ def read_instructions(path: str | Path) -> dict[str, dict]:
     from atlantis.generate import instruction_id
 
     path = Path(path)
-    if path.suffix == ".json":
-        rows = json.loads(path.read_text(encoding="utf-8"))
-    else:
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = json.loads(path.read_text(encoding="utf-8")) if path.suffix == ".json" else read_jsonl(path)
     return {str(r.get("question_id") or instruction_id(r["instruction"])): r for r in rows}
-
-
-def _jsonl(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def outputs(answers: str | Path, questions: dict, generator: str) -> list[dict]:
@@ -78,7 +72,7 @@ def outputs(answers: str | Path, questions: dict, generator: str) -> list[dict]:
     path = Path(answers)
     if path.suffix == ".json":
         return json.loads(path.read_text())
-    by_id = {str(a["question_id"]): a for a in _jsonl(path)}
+    by_id = {str(a["question_id"]): a for a in read_jsonl(path)}
     missing = [qid for qid in questions if qid not in by_id]
     if missing:
         raise AlpacaEvalError(f"{path}: no answer to {len(missing)} instruction(s), e.g. {missing[:3]}")

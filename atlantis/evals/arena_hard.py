@@ -44,6 +44,7 @@ import numpy as np
 
 from atlantis import provenance
 from atlantis.config import field
+from atlantis.data import read_jsonl
 from atlantis.evals.judge import JudgeConfig, JudgeError, chat, check, public, redact
 from atlantis.log import get_logger
 
@@ -247,20 +248,11 @@ def score(winner: Sequence[str], model: str, baseline: str, rounds: int = 100, s
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise ArenaHardError(f"{path} does not exist")
-    out = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ArenaHardError(f"{path}:{lineno}: malformed JSON ({err.msg})") from None
+    rows = read_jsonl(path)  # the data layer's reader: file:line on malformed JSON
+    for i, rec in enumerate(rows, start=1):
         if not isinstance(rec, dict):
-            raise ArenaHardError(f"{path}:{lineno}: not a JSON object")
-        out.append(rec)
-    return out
+            raise ArenaHardError(f"{path}: record {i} is not a JSON object")
+    return rows
 
 
 def _text(turn: Any, where: str) -> str:

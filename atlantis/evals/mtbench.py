@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from atlantis.config import field
+from atlantis.data import read_jsonl
 from atlantis.evals.judge import JudgeConfig, check, public, redact
 from atlantis.log import get_logger
 
@@ -115,20 +116,9 @@ def fastchat_data(cache: str | Path) -> Path:
     return cache / "data"
 
 
-def _jsonl(path: str | Path) -> list[dict]:
-    rows = []
-    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise MTBenchError(f"{path}:{i}: not JSON ({err.msg})") from None
-    return rows
-
-
 def _answers_as(path: str, model_id: str, question_ids: set) -> list[dict]:
     """A FastChat answer file under the name FastChat will use, checked to cover every question."""
-    rows = [{**r, "model_id": model_id} for r in _jsonl(path)]
+    rows = [{**r, "model_id": model_id} for r in read_jsonl(path)]
     missing = question_ids - {r["question_id"] for r in rows}
     if missing:
         raise MTBenchError(f"{path}: no answer to {len(missing)} question(s), e.g. {sorted(map(str, missing))[:3]}")
@@ -208,7 +198,7 @@ def run(cfg: MTBenchConfig) -> list[Path]:
     with judge_endpoint(cfg.judge, cfg.world) as judge:
         check(judge)  # a missing endpoint or key fails here, before anything is fetched or judged
         data = fastchat_data(cfg.data_cache)
-        questions = _jsonl(cfg.questions) if cfg.questions else _jsonl(data / "mt_bench" / "question.jsonl")
+        questions = read_jsonl(cfg.questions) if cfg.questions else read_jsonl(data / "mt_bench" / "question.jsonl")
         qids = {q["question_id"] for q in questions}
         answers = {mid: _answers_as(path, mid, qids) for mid, path in zip(cfg.model_ids, cfg.answers)}
         if cfg.baseline_answers:
@@ -249,7 +239,7 @@ def run(cfg: MTBenchConfig) -> list[Path]:
             _fastchat(cfg, work, env, "gen_judgment", *common, *gen, stdin="\n")  # it asks "Press Enter"
             tables.append(_fastchat(cfg, work, env, "show_result", *common))
             kind = "single" if mode == "single" else "pair"
-            judgments = _jsonl(bench / "model_judgment" / f"{judge.model}_{kind}.jsonl")
+            judgments = read_jsonl(bench / "model_judgment" / f"{judge.model}_{kind}.jsonl")
             for mid, result in results.items():
                 if mode == "single":
                     result["metrics"]["mtbench_single"], result["single"] = single_score(judgments, mid)

@@ -28,7 +28,7 @@ import torch
 
 from atlantis import provenance
 from atlantis.config import field
-from atlantis.data import Sample, Turn
+from atlantis.data import Sample, Turn, read_jsonl
 from atlantis.log import get_logger
 from atlantis.world.data import answer_value, grade
 
@@ -92,10 +92,6 @@ def mc_scores(loglik_mc1: list[float], loglik_mc2: list[float], labels_mc2: list
 
 
 # ------------------------------------------------------------------------------------------ scoring
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 @torch.no_grad()
@@ -171,8 +167,8 @@ def evaluate(
         def logliks(pairs):
             return decoder_logliks(decoder, pairs)
 
-    tqa = _read_jsonl(world / "eval_truthfulqa.jsonl")
-    skill = _read_jsonl(world / "eval_skill.jsonl")
+    tqa = read_jsonl(world / "eval_truthfulqa.jsonl")
+    skill = read_jsonl(world / "eval_skill.jsonl")
 
     # KL(p*‖p) = −log p(y*|x): the true answer of each held-out question
     truths = [(r["question"], r["mc1_targets"]["choices"][0]) for r in tqa]
@@ -210,8 +206,8 @@ def evaluate(
             model_id=model_id,
         )
         generate(cfg, decoder=decoder)
-        by_id = {str(a["question_id"]): a for a in _read_jsonl(out)}
-        results[name] = [(q, by_id[str(q["question_id"])]) for q in _read_jsonl(world / f"{name}.jsonl")]
+        by_id = {str(a["question_id"]): a for a in read_jsonl(out)}
+        results[name] = [(q, by_id[str(q["question_id"])]) for q in read_jsonl(world / f"{name}.jsonl")]
 
     def turns(answer: dict) -> list[str]:
         return answer["choices"][0]["turns"]
