@@ -31,6 +31,7 @@ import pandas as pd  # noqa: E402
 
 from atlantis.config import field  # noqa: E402
 from atlantis.log import get_logger  # noqa: E402
+from atlantis.report import plain_run  # noqa: E402
 from atlantis.weights import disagreement_rate, read_weights  # noqa: E402
 
 log = get_logger(__name__)
@@ -114,11 +115,7 @@ def fig3(cfg: FiguresConfig, matrix: dict, metrics: list[str], labels: dict[str,
     for ax, large in zip(axes[0], larges):
         arms = {}
         for method in ("sft", "atlantis"):
-            runs = [
-                rid
-                for rid, r in matrix["runs"].items()
-                if r["large"] == large and r["method"] == method and "subset" not in r and not r.get("cross")
-            ]
+            runs = [rid for rid, r in matrix["runs"].items() if plain_run(r, large, method)]
             arms[method] = [_run_mean(Path(cfg.metrics), runs, m) for m in metrics]
         shown = [i for i, m in enumerate(metrics) if all(not math.isnan(arms[a][i]) for a in arms)]
         title = f"{large}" + (f" (stands for {stands[large]})" if large in stands else "")

@@ -106,7 +106,8 @@ def _seeded(matrix: dict, pred) -> list[str]:
     return [rid for _, rid in sorted(runs)]
 
 
-def _plain(r: dict, large: str, method: str) -> bool:
+def plain_run(r: dict, large: str, method: str) -> bool:
+    """A run of Table 2's kind: this model and method on all of D, with its own family's weights."""
     return r["large"] == large and r["method"] == method and "subset" not in r and not r.get("cross")
 
 
@@ -117,7 +118,7 @@ def reproduced_rows(matrix: dict, spec: Spec) -> dict[str, list[tuple[dict, list
     rows: dict[str, list[tuple[dict, list[str]]]] = {t: [] for t in TABLES}
 
     def plain(large, method):
-        return _seeded(matrix, lambda r: _plain(r, large, method))
+        return _seeded(matrix, lambda r: plain_run(r, large, method))
 
     for large in exp["main"]["large"] + exp.get("scale", {}).get("large", []):
         pm = spec.paper_model(large)

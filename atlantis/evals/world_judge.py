@@ -20,7 +20,9 @@ exercised; the key is never logged.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import re
 import threading
 import time
@@ -254,9 +256,6 @@ def judge_endpoint(judge, world: str | Path | None):
     """The judge to use: `judge` itself, or, with a world, a copy pointing at a world judge served for the
     duration of the block (with a local key in the judge's key variable, so the clients' key path is the real one).
     """
-    import dataclasses
-    import os
-
     if not world:
         yield judge
         return
