@@ -18,7 +18,16 @@ include: "workflow/rules/report.smk"
 include: "workflow/rules/envs.smk"
 
 
+if "smoke" in config:
+
+    include: "workflow/rules/smoke.smk"
+
+
 report: "workflow/report/workflow.rst"
+
+
+onstart:
+    hide_judge_keys()  # before any sbatch: the judge key stays out of every compute job (common.smk)
 
 
 rule all:

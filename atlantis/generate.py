@@ -18,6 +18,10 @@ so a sampled answer is the same whatever batch the question lands in and whether
 
 The proxy path (three models, logits s_L + α (s_r − s_S)) is the paper's proxy-tuning baseline (§2.3 Eq. 9,
 Appendix B / Table 7); see `atlantis.proxy`.
+
+Answers end at the end of the assistant turn: at any EOS and at the end-of-turn token of the model's chat template
+(`atlantis.models.end_of_turn`), which is dropped from the text. Models larger than one GPU are sharded across
+the visible GPUs (`device_map`); a single model can instead go through vLLM (`backend`), where it is installed.
 """
 
 from __future__ import annotations
@@ -27,19 +31,30 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
+import torch
 from tqdm.auto import tqdm
 
 from atlantis.config import field
 from atlantis.data import DataError, _iter_json, _iter_jsonl
 from atlantis.log import get_logger
-from atlantis.models import check_model_source
-from atlantis.proxy import LogitDecoder, ProxyModel, SingleModel
-from atlantis.render import NAMED_TEMPLATES
+from atlantis.models import (
+    check_model_source,
+    choose_device_map,
+    end_of_turn,
+    eos_token_ids,
+    gpu_max_memory,
+    load_tokenizer,
+    pick_device,
+    pick_dtype,
+    weight_bytes,
+)
+from atlantis.proxy import GREEDY_BELOW, Generation, ProxyModel, SingleModel, encode_prompt
+from atlantis.render import NAMED_TEMPLATES, resolve_template
 
 log = get_logger(__name__)
 
@@ -114,6 +129,21 @@ class GenerateConfig:
         "auto", help="`auto`: float32 on CPU, bfloat16 on GPU."
     )
     device: str = field("auto", help="`auto` (cuda if available, else cpu) or a torch device.")
+    device_map: Literal["auto", "none"] | None = field(
+        None,
+        help="`auto`: shard each model across the visible GPUs (accelerate's device map, weights loaded straight "
+        "onto the GPUs); `none`: the whole model on `device`. Unset: auto when more than one GPU is visible. "
+        "A model larger than one GPU on one device is refused before loading.",
+    )
+    gpu_memory_fraction: float = field(
+        0.9, help="Share of each GPU's memory the weights may fill when sharded (the rest: activations, KV cache)."
+    )
+    backend: Literal["auto", "hf", "vllm"] = field(
+        "auto",
+        help="`hf`: the batched transformers decoder; `vllm`: vLLM with tensor parallelism over the visible GPUs "
+        "(single model only); `auto`: vllm when it is installed and CUDA is available, else hf. Proxy-tuning "
+        "always uses hf.",
+    )
     trust_remote_code: bool = field(False, help="Allow a model folder's own Python code to run.")
     limit: int | None = field(None, help="Answer only the first N questions (for smoke runs).")
     overwrite: bool = field(False, help="Start the answers file afresh instead of resuming it.")
@@ -134,6 +164,8 @@ class GenerateConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not 0.0 < self.gpu_memory_fraction <= 1.0:
+            raise ValueError(f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be positive, got {self.limit}")
         if not self.out.endswith(".jsonl"):
@@ -189,9 +221,11 @@ def parse_question(rec: Any, where: str) -> Question:
         turns = rec["turns"]
         if not isinstance(turns, list) or not turns:
             raise DataError(f"{where}: field 'turns' must be a non-empty list of strings")
+        # MT-Bench writes each turn as a string; Arena-Hard-Auto v0.1's question.jsonl as {"content": string}
+        turns = [t["content"] if isinstance(t, dict) and "content" in t else t for t in turns]
         for j, turn in enumerate(turns):
             if not isinstance(turn, str) or not turn.strip():
-                raise DataError(f"{where}: field 'turns[{j}]' must be a non-empty string")
+                raise DataError(f"{where}: field 'turns[{j}]' must be a non-empty string (or {{\"content\": string}})")
     else:
         key = next((k for k in ("instruction", "prompt") if k in rec), None)
         if key is None:
@@ -323,7 +357,22 @@ def conversation(question: Question, answers: Sequence[str], turn: int) -> list[
     return msgs
 
 
-def answer_batch(decoder: LogitDecoder, questions: Sequence[Question], cfg: GenerateConfig) -> list[list[str]]:
+class Decoder(Protocol):
+    """What `answer_batch` needs: `LogitDecoder` (HF path) and `VllmDecoder` both provide it."""
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[Mapping[str, str]]],
+        *,
+        max_new_tokens: int,
+        temperature: Sequence[float],
+        top_p: float,
+        seed: Sequence[int],
+        stop: Sequence[str],
+    ) -> list[Generation]: ...
+
+
+def answer_batch(decoder: Decoder, questions: Sequence[Question], cfg: GenerateConfig) -> list[list[str]]:
     """Answers to every turn of every question; turn t of all questions that have one is one batched decode."""
     answers: list[list[str]] = [[] for _ in questions]
     for turn in range(max(len(q.turns) for q in questions)):
@@ -341,7 +390,64 @@ def answer_batch(decoder: LogitDecoder, questions: Sequence[Question], cfg: Gene
     return answers
 
 
-def load_decoder(cfg: GenerateConfig) -> LogitDecoder:
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def placement(cfg: GenerateConfig) -> tuple[str | None, dict[str, dict[int, int]] | None]:
+    """(device_map, {role: max_memory}) for the HF path: shard when asked, or by default on several GPUs.
+
+    The three models of a proxy share the GPUs, so each gets a share of every GPU's budget in proportion to its
+    weights; unsharded, all three must fit one device together.
+    """
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    roles = ("large", "small", "ref") if cfg.is_proxy else ("model",)
+    paths = {role: str(getattr(cfg, role)) for role in roles}
+    sizes = {role: weight_bytes(p, pick_dtype(cfg.dtype, pick_device(cfg.device))) for role, p in paths.items()}
+    known = [b for b in sizes.values() if b is not None]
+    total = sum(known) if len(known) == len(sizes) else None
+    budget = gpu_max_memory(cfg.gpu_memory_fraction) if n_gpus else {}
+    device_map = choose_device_map(cfg.device_map, n_gpus, min(budget.values(), default=None), total)
+    if device_map is None or not budget:
+        return device_map, None  # on CPU accelerate places everything in host RAM by itself
+    shares = {role: (b / total if total else 1 / len(sizes)) for role, b in sizes.items()}
+    max_memory = {role: {gpu: int(free * share) for gpu, free in budget.items()} for role, share in shares.items()}
+    log.info("sharding over %d GPU(s), weights %s bytes, max_memory %s", n_gpus, sizes, max_memory)
+    return device_map, max_memory
+
+
+def vllm_unavailable() -> str | None:
+    """Why vLLM cannot run here, or None when it can."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return "vllm is not installed"
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    return None
+
+
+def choose_backend(cfg: GenerateConfig) -> Literal["hf", "vllm"]:
+    """The backend `atlantis generate` uses; `auto` falls back to hf with one log line saying why."""
+    if cfg.backend == "hf":
+        return "hf"
+    if cfg.is_proxy:
+        if cfg.backend == "vllm":
+            raise GenerateError("backend=vllm cannot proxy-tune (Eq. 9 combines three models' logits): use hf")
+        log.info("backend hf: proxy-tuning combines three models' logits at every step, which vLLM does not do")
+        return "hf"
+    why = vllm_unavailable()
+    if why is None:
+        return "vllm"
+    if cfg.backend == "vllm":
+        raise GenerateError(f"backend=vllm asked for, but {why}")
+    log.info("backend hf: %s", why)
+    return "hf"
+
+
+def load_decoder(cfg: GenerateConfig) -> Decoder:
+    if choose_backend(cfg) == "vllm":
+        return VllmDecoder.from_config(cfg)
+    device_map, max_memory = placement(cfg)
     if cfg.is_proxy:
         return ProxyModel.from_pretrained(
             str(cfg.large),
@@ -353,6 +459,8 @@ def load_decoder(cfg: GenerateConfig) -> LogitDecoder:
             dtype=cfg.dtype,
             device=cfg.device,
             trust_remote_code=cfg.trust_remote_code,
+            device_map=device_map,
+            max_memory=max_memory,
         )
     return SingleModel.from_pretrained(
         str(cfg.model),
@@ -360,10 +468,101 @@ def load_decoder(cfg: GenerateConfig) -> LogitDecoder:
         dtype=cfg.dtype,
         device=cfg.device,
         trust_remote_code=cfg.trust_remote_code,
+        device_map=device_map,
+        max_memory=(max_memory or {}).get("model"),
     )
 
 
-def generate(cfg: GenerateConfig, decoder: LogitDecoder | None = None) -> Path:
+# ------------------------------------------------------------------------------------------------- vLLM
+
+
+class VllmDecoder:
+    """One model through vLLM (tensor parallel over the visible GPUs), with the HF path's prompts and stops.
+
+    Prompts are rendered with the same template and encoded as the HF path does (passed as token ids, so vLLM
+    adds no second BOS); each question keeps its own temperature and seed; generation stops at every EOS, the
+    template's end-of-turn token and the stop strings. Answers come back as `Generation`s, so the FastChat
+    answer file is written exactly as on the HF path.
+    """
+
+    def __init__(self, llm: Any, sampling_params: Any, tokenizer: Any, template: str, stop_ids: set[int]):
+        self.llm = llm
+        self.sampling_params = sampling_params  # vllm.SamplingParams (a parameter, so tests can pass a fake)
+        self.tokenizer = tokenizer
+        self.template = template
+        eot = end_of_turn(tokenizer, template)
+        self.stop_token_ids = sorted(stop_ids | set(eot.token_ids))
+        self.stop_strings = (eot.stop_string,) if eot.stop_string else ()
+        log.info("vLLM generation stops at ids %s and the text %s", self.stop_token_ids, list(self.stop_strings))
+
+    @classmethod
+    def from_config(cls, cfg: GenerateConfig) -> VllmDecoder:
+        import vllm
+        from transformers import GenerationConfig
+
+        path = str(cfg.model)
+        tok = load_tokenizer(path, cfg.trust_remote_code)
+        _, template = resolve_template(tok, cfg.template)
+        try:
+            gen_cfg = GenerationConfig.from_pretrained(path)
+        except OSError:  # no generation_config.json: the tokenizer's EOS alone
+            gen_cfg = None
+        stop_ids = eos_token_ids(tok, gen_cfg)
+        llm = vllm.LLM(
+            model=path,
+            tokenizer=path,
+            tensor_parallel_size=max(torch.cuda.device_count(), 1),
+            dtype=str(pick_dtype(cfg.dtype, torch.device("cuda"))).removeprefix("torch."),
+            seed=cfg.seed,
+            trust_remote_code=cfg.trust_remote_code,
+            gpu_memory_utilization=cfg.gpu_memory_fraction,
+        )
+        return cls(llm, vllm.SamplingParams, tok, template, stop_ids)
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[Mapping[str, str]]],
+        *,
+        max_new_tokens: int,
+        temperature: Sequence[float],
+        top_p: float,
+        seed: Sequence[int],
+        stop: Sequence[str],
+    ) -> list[Generation]:
+        ids = []
+        for msgs in prompts:
+            text = self.tokenizer.apply_chat_template(
+                [dict(m) for m in msgs], chat_template=self.template, tokenize=False, add_generation_prompt=True
+            )
+            ids.append({"prompt_token_ids": encode_prompt(self.tokenizer, text)})
+        params = [
+            self.sampling_params(
+                n=1,
+                temperature=0.0 if t < GREEDY_BELOW else t,
+                top_p=top_p,
+                max_tokens=max_new_tokens,
+                seed=s,
+                stop=[x for x in (*stop, *self.stop_strings) if x],
+                stop_token_ids=self.stop_token_ids,
+                skip_special_tokens=True,
+            )
+            for t, s in zip(temperature, seed)
+        ]
+        outs = self.llm.generate(ids, sampling_params=params, use_tqdm=False)
+        gens = []
+        for out in outs:
+            best = out.outputs[0]
+            # vLLM says "stop" for EOS, stop tokens and stop strings alike; stop_reason is the string for the last
+            finish = "stop" if isinstance(best.stop_reason, str) else "eos"
+            finish = "length" if best.finish_reason == "length" else finish
+            gens.append(Generation(text=best.text, token_ids=list(best.token_ids), finish_reason=finish))
+        return gens
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+
+def generate(cfg: GenerateConfig, decoder: Decoder | None = None) -> Path:
     """Answer every question of `cfg.questions` not yet in `cfg.out`; returns the answers file.
 
     `decoder` reuses models already loaded (tests, notebooks); by default they are loaded from the config.

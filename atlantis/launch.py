@@ -13,14 +13,18 @@ import os
 from collections.abc import Mapping, MutableMapping
 
 
-def srun_prefix(tasks: int, nodes: int = 1, gpus: int = 0) -> str:
+def srun_prefix(tasks: int, nodes: int = 1, gpus: int = 0, cpus_per_task: int = 1) -> str:
     """Shell words that start `tasks` copies of the following command across the allocation ('' for one).
 
     Snakemake's SLURM job step strips every SLURM_* variable but the job id before running a rule's shell, so the
-    node list is asked from squeue, and the step's geometry is given in full: tasks, nodes, one GPU per task.
+    node list is asked from squeue, and the step's geometry is given in full: tasks, nodes, one GPU per task, and
+    the CPUs of each task (without `--cpus-per-task` every rank is pinned to one core, and the offloaded optimizer
+    step, DeepSpeed's CPU Adam, runs on that one core).
     """
-    if tasks < 1 or nodes < 1 or gpus < 0:
-        raise ValueError(f"need tasks >= 1, nodes >= 1, gpus >= 0; got {tasks}, {nodes}, {gpus}")
+    if tasks < 1 or nodes < 1 or gpus < 0 or cpus_per_task < 1:
+        raise ValueError(
+            f"need tasks >= 1, nodes >= 1, gpus >= 0, cpus_per_task >= 1; got {tasks}, {nodes}, {gpus}, {cpus_per_task}"
+        )
     if tasks == 1:
         return ""
     if gpus and gpus != tasks:
@@ -28,7 +32,8 @@ def srun_prefix(tasks: int, nodes: int = 1, gpus: int = 0) -> str:
     first_node = 'scontrol show hostnames "${SLURM_JOB_NODELIST:-$(squeue -h -j "$SLURM_JOB_ID" -o %N)}" | head -n 1'
     return (
         f'export MASTER_ADDR="$({first_node})" MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000)); '
-        f"srun --kill-on-bad-exit=1 --nodes={nodes} --ntasks={tasks} " + ("--gpus-per-task=1 " if gpus else "")
+        f"srun --kill-on-bad-exit=1 --nodes={nodes} --ntasks={tasks} --cpus-per-task={cpus_per_task} "
+        + ("--gpus-per-task=1 " if gpus else "")
     )
 
 

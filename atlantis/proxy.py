@@ -36,7 +36,15 @@ from jinja2 import TemplateError
 
 from atlantis.data import DataError
 from atlantis.log import get_logger
-from atlantis.models import load_model, load_tokenizer, pick_device, pick_dtype
+from atlantis.models import (
+    ModelError,
+    end_of_turn,
+    eos_token_ids,
+    load_model,
+    load_tokenizer,
+    pick_device,
+    pick_dtype,
+)
 from atlantis.render import resolve_template
 
 log = get_logger(__name__)
@@ -178,6 +186,12 @@ def _generators(seed: int | Sequence[int] | None, n: int) -> list[torch.Generato
     return [torch.Generator().manual_seed(int(s)) for s in seeds]
 
 
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Token ids of a prompt; a template that writes BOS itself gets no second one (as render.py does)."""
+    add_special = not (tokenizer.bos_token and text.startswith(tokenizer.bos_token))
+    return list(tokenizer(text, add_special_tokens=add_special)["input_ids"])
+
+
 # ----------------------------------------------------------------------------------------------- streams
 
 
@@ -255,7 +269,8 @@ class _Stream:
         rows = rows.to(self.ids.device)
         self.ids, self.mask = self.ids[rows], self.mask[rows]
         if self.cache is not None:
-            self.cache.batch_select_indices(rows)
+            # CPU indices: a sharded model's cache layers live on several GPUs, which a CUDA index cannot all reach
+            self.cache.batch_select_indices(rows.cpu())
 
 
 # ----------------------------------------------------------------------------------------------- decoder
@@ -268,7 +283,12 @@ class LogitDecoder:
         self.components = tuple(components)
         self.primary = next(c for c in self.components if c.name == primary)
         self.vocab_size = vocab_size
-        self.stop_token_ids = self._stop_ids()
+        self.stop_token_ids, self.stop_strings = self._stops()
+        log.info(
+            "generation stops at %s%s",
+            ", ".join(f"{self.tokenizer.convert_ids_to_tokens(i)!r} ({i})" for i in sorted(self.stop_token_ids)),
+            f" and the text {self.stop_strings}" if self.stop_strings else "",
+        )
 
     @property
     def tokenizer(self):
@@ -279,14 +299,26 @@ class LogitDecoder:
         """Combined next-token logits from each component's logits (same shape)."""
         raise NotImplementedError
 
-    def _stop_ids(self) -> set[int]:
+    def _stops(self) -> tuple[set[int], tuple[str, ...]]:
+        """Every model's EOS ids, and the end-of-turn marker of every model's chat template.
+
+        A base model fine-tuned on a chat template ends its turn with the template's end-of-turn token, which
+        for Qwen2 (`<|im_end|>`) and Gemma-2 (`<end_of_turn>`) is not the base model's EOS: without it every
+        answer would run on to max_new_tokens. A marker that is plain text becomes a stop string.
+        """
         ids: set[int] = set()
+        strings: list[str] = []
         for c in self.components:
-            if c.tokenizer.eos_token_id is not None:
-                ids.add(int(c.tokenizer.eos_token_id))
-            eos = getattr(getattr(c.model, "generation_config", None), "eos_token_id", None)
-            ids.update([eos] if isinstance(eos, int) else list(eos or []))
-        return {i for i in ids if i < self.vocab_size}
+            ids |= eos_token_ids(c.tokenizer, getattr(c.model, "generation_config", None))
+            try:
+                eot = end_of_turn(c.tokenizer, c.template)
+            except ModelError as err:  # such a template cannot render answers; scoring raw text still works
+                log.warning("the %s model's template: %s; stopping at EOS only", c.name, err)
+                continue
+            ids.update(eot.token_ids)
+            if eot.stop_string and eot.stop_string not in strings:
+                strings.append(eot.stop_string)
+        return {i for i in ids if i < self.vocab_size}, tuple(strings)
 
     # -- prompts ---------------------------------------------------------------------------------------
     def render(self, messages: Sequence[Message]) -> dict[str, str]:
@@ -309,10 +341,7 @@ class LogitDecoder:
 
     @staticmethod
     def _encode(comp: Component, text: str) -> list[int]:
-        tok = comp.tokenizer
-        # A template that writes BOS itself must not get a second one from the tokenizer (as render.py does).
-        add_special = not (tok.bos_token and text.startswith(tok.bos_token))
-        return list(tok(text, add_special_tokens=add_special)["input_ids"])
+        return encode_prompt(comp.tokenizer, text)
 
     def prompt_ids(self, prompt: Prompt) -> dict[str, list[int]]:
         """Token ids of a prompt for each model: raw text as is, chat messages through each model's template."""
@@ -363,7 +392,8 @@ class LogitDecoder:
         temperature: one value or one per prompt; below 1e-4 decodes greedily. top_p: nucleus sampling.
         seed: an int gives prompt i the seed `seed + i`; a sequence gives each prompt its own (then a prompt's
         sample does not depend on its batch); None draws seeds from torch's global RNG.
-        stop: strings that end a continuation (it is cut before them); EOS ids of every model also stop it.
+        stop: strings that end a continuation (it is cut before them); EOS ids of every model and the end-of-turn
+        marker of every model's chat template (`stop_token_ids`, `stop_strings`) also stop it.
         use_cache=False recomputes the full prefix at every step (a slow reference for tests).
         output_scores keeps the combined logits of every step in `Generation.scores`.
         """
@@ -385,7 +415,7 @@ class LogitDecoder:
             c.name: _Stream(c, [p[c.name] for p in prompts], self.vocab_size, use_cache) for c in self.components
         }
         device = self.primary.model.device
-        stop = [s for s in stop if s]
+        stop = [s for s in (*stop, *self.stop_strings) if s]
         tail = max((len(s) for s in stop), default=0) + 8  # tokens enough to hold any stop string
 
         tokens: list[list[int]] = [[] for _ in range(n)]
@@ -532,10 +562,13 @@ class SingleModel(LogitDecoder):
         dtype: str = "auto",
         device: str = "auto",
         trust_remote_code: bool = False,
+        device_map: str | None = None,
+        max_memory: Mapping[int | str, int] | None = None,
     ) -> SingleModel:
+        """Load one model; `device_map="auto"` shards it across the visible GPUs (see `load_model`)."""
         dev = pick_device(device)
         tok = load_tokenizer(path, trust_remote_code)
-        model = load_model(path, pick_dtype(dtype, dev), dev, trust_remote_code)
+        model = load_model(path, pick_dtype(dtype, dev), dev, trust_remote_code, device_map, max_memory)
         return cls(model, tok, template=template)
 
     def combine(self, logits: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -596,14 +629,21 @@ class ProxyModel(LogitDecoder):
         dtype: str = "auto",
         device: str = "auto",
         trust_remote_code: bool = False,
+        device_map: str | None = None,
+        max_memory: Mapping[str, Mapping[int | str, int]] | None = None,
     ) -> ProxyModel:
-        """Load the three models on one device; the vocabularies are compared before any weights are read."""
+        """Load the three models on one device, or each sharded across the visible GPUs (`device_map="auto"`;
+        `max_memory` gives each role its own {gpu: bytes} share, as the three share the GPUs); the vocabularies
+        are compared before any weights are read."""
         paths = {"large": large, "small": small, "ref": ref}
         toks = {role: load_tokenizer(p, trust_remote_code) for role, p in paths.items()}
         check_vocabularies({}, toks)
         dev = pick_device(device)
         torch_dtype = pick_dtype(dtype, dev)
-        models = {role: load_model(p, torch_dtype, dev, trust_remote_code) for role, p in paths.items()}
+        models = {
+            role: load_model(p, torch_dtype, dev, trust_remote_code, device_map, (max_memory or {}).get(role))
+            for role, p in paths.items()
+        }
         return cls(
             models["large"],
             models["small"],

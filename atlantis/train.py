@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -38,15 +39,17 @@ from atlantis.weights import weights_for
 
 log = get_logger(__name__)
 
-# Paper Table 6 ("Implementation details"), per size of the large model. warmup and decay are linear,
-# the optimizer is AdamW, the seed 0; all runs use DeepSpeed ZeRO-3 with optimizer and parameter offload.
-PRESETS: dict[str, dict[str, float | int]] = {
+# Paper Table 6 ("Implementation details"), per size of the large model, as printed: steps and warm-up are
+# Table 6's numbers, converted by `TrainConfig.table6_steps`. Warmup and decay are linear, the optimizer is
+# AdamW, the seed 0, and every run uses DeepSpeed ZeRO-3 with optimizer and parameter offload.
+PRESETS: dict[str, dict[str, float | int | str]] = {
     "paper-13b": {
         "max_steps": 60_000,
         "per_device_batch_size": 2,
         "learning_rate": 2e-5,
         "grad_accum": 8,
         "warmup_steps": 6_000,
+        "deepspeed": "zero3_offload",
     },
     "paper-27b": {
         "max_steps": 30_000,
@@ -54,6 +57,7 @@ PRESETS: dict[str, dict[str, float | int]] = {
         "learning_rate": 5e-6,
         "grad_accum": 8,
         "warmup_steps": 3_000,
+        "deepspeed": "zero3_offload",
     },
     "paper-72b": {
         "max_steps": 15_000,
@@ -61,8 +65,19 @@ PRESETS: dict[str, dict[str, float | int]] = {
         "learning_rate": 5e-7,
         "grad_accum": 4,
         "warmup_steps": 1_500,
+        "deepspeed": "zero3_offload",
     },
 }
+# The values of the preset-filled settings when neither they nor a preset are given.
+UNPRESET_DEFAULTS: dict[str, float | int | str] = {
+    "max_steps": -1,
+    "per_device_batch_size": 2,
+    "learning_rate": 2e-5,
+    "grad_accum": 8,
+    "warmup_steps": 0,
+    "deepspeed": "none",
+}
+TABLE6_STEP_SETTINGS = ("max_steps", "warmup_steps")  # Table 6's step counts, read per `table6_steps`
 DEEPSPEED_CONFIGS = Path(__file__).resolve().parent / "deepspeed"
 # fp32 logits per LM-head chunk in the loss. Larger than the scorer's budget: every chunk is recomputed in the
 # backward pass (and, under ZeRO-3, gathers the head), so fewer, larger chunks are faster.
@@ -100,23 +115,42 @@ class TrainConfig:
         help="Rendering; the end-of-turn token is trained so that the model learns to stop.",
     )
     preset: Literal["none", "paper-13b", "paper-27b", "paper-72b"] = field(
-        "none", help="Paper Table 6 hyper-parameters for the large model's size (overrides the fields below)."
+        "none",
+        help="Paper Table 6 settings for the large model's size: defaults for max_steps, warmup_steps, "
+        "per_device_batch_size, grad_accum, learning_rate and deepspeed (zero3_offload); settings given "
+        "explicitly win.",
+    )
+    table6_steps: Literal["micro", "optimizer"] = field(
+        "micro",
+        help="How a preset's steps (Table 6: 60K/30K/15K, warm-up 10%) are read. micro: per-GPU micro-batch "
+        "passes, so optimizer steps = steps / grad_accum (1.9/0.96/0.96 epochs of OpenHermes-2.5); optimizer: "
+        "optimizer steps (15.4/7.7/3.8 epochs, implausible for SFT).",
     )
     normalization: Literal["token", "sequence"] = field(
         "token", help="token: Σ w·ℓ / response tokens of the global batch (= SFT at w=1); sequence: Alg. 1."
     )
-    max_steps: int = field(-1, help="Optimizer steps (-1: run num_train_epochs).")
+    max_steps: int | None = field(
+        None, help="Optimizer steps (-1: run num_train_epochs). Unset: the preset's (see table6_steps), else -1."
+    )
     num_train_epochs: float = field(1.0, help="Epochs when max_steps is -1.")
-    per_device_batch_size: int = field(2, help="Micro-batch size per process.")
-    grad_accum: int = field(8, help="Gradient accumulation steps.")
-    learning_rate: float = field(2e-5, help="Peak learning rate (AdamW).")
-    warmup_steps: int = field(0, help="Linear warm-up steps; then linear decay to 0.")
+    per_device_batch_size: int | None = field(None, help="Micro-batch size per process. Unset: the preset's, else 2.")
+    grad_accum: int | None = field(None, help="Gradient accumulation steps. Unset: the preset's, else 8.")
+    learning_rate: float | None = field(None, help="Peak learning rate (AdamW). Unset: the preset's, else 2e-5.")
+    warmup_steps: int | None = field(
+        None,
+        help="Linear warm-up optimizer steps, then linear decay to 0. Unset: the preset's (see table6_steps), else 0.",
+    )
     weight_decay: float = field(0.0, help="AdamW weight decay.")
     max_grad_norm: float = field(1.0, help="Gradient clipping.")
     seed: int = field(0, help="Seed (paper: 0).")
-    dtype: Literal["auto", "float32", "bfloat16"] = field("auto", help="auto: bf16 on GPU, fp32 on CPU.")
+    dtype: Literal["auto", "float32", "bfloat16"] = field(
+        "auto", help="Mixed precision: auto is bf16 on GPU, fp32 on CPU (the Trainer's and DeepSpeed's bf16 flag)."
+    )
     deepspeed: str | None = field(
-        None, help="DeepSpeed JSON, or a shipped name: zero3_offload (Table 6), zero3, zero2."
+        None,
+        help="DeepSpeed JSON, or a shipped name: zero3_offload (Table 6: ZeRO-3, optimizer and parameters "
+        "offloaded to CPU RAM), zero3 (no offload: faster where the GPUs hold weights, gradients and AdamW "
+        "states), zero2; `none`: no DeepSpeed. Unset: the preset's (zero3_offload), else none.",
     )
     gradient_checkpointing: bool = field(False, help="Recompute activations in backward.")
     loss_chunk: int | None = field(
@@ -141,14 +175,62 @@ class TrainConfig:
             raise ValueError("method=atlantis needs weights=FILE (from `atlantis weights`)")
         if self.method == "sft" and self.weights:
             raise ValueError("method=sft trains unweighted; drop weights= or use method=atlantis")
-        if self.preset != "none":
-            for key, value in PRESETS[self.preset].items():
-                setattr(self, key, value)
+        self._apply_preset()
         for name in ("per_device_batch_size", "grad_accum", "loss_chunk", "logging_steps", "save_steps"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         if self.learning_rate <= 0:
             raise ValueError("learning_rate must be positive")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"max_steps must be positive, or -1 to run num_train_epochs; got {self.max_steps}")
+        if self.warmup_steps < 0:
+            raise ValueError("warmup_steps must be >= 0")
+        if 0 < self.max_steps <= self.warmup_steps:
+            log.warning(
+                "warmup_steps=%d >= max_steps=%d: the learning rate never reaches its peak",
+                self.warmup_steps,
+                self.max_steps,
+            )
+
+    def _apply_preset(self) -> None:
+        """Fill every preset setting left unset (None) from the preset, else from UNPRESET_DEFAULTS.
+
+        Explicit values win: None means "not given" (YAML, key=value or Python alike), so `preset=paper-13b
+        deepspeed=zero3 max_steps=10` trains 10 steps under ZeRO-3 without offload. A resolved config holds
+        no None, so rebuilding it from its own record (train_record.json) gives the same run.
+        """
+        preset = PRESETS.get(self.preset, {})
+        filled = {}
+        for name, fallback in UNPRESET_DEFAULTS.items():
+            if getattr(self, name) is None:
+                filled[name] = preset.get(name, fallback)
+                setattr(self, name, filled[name])
+        if self.preset != "none":
+            # the accumulation actually used, so that an explicit grad_accum keeps the samples seen
+            schedule = dict(zip(TABLE6_STEP_SETTINGS, table6_schedule(self.preset, self.table6_steps, self.grad_accum)))
+            for name in TABLE6_STEP_SETTINGS:
+                if name in filled:
+                    filled[name] = schedule[name]
+                    setattr(self, name, filled[name])
+        self.from_preset = {k: v for k, v in filled.items() if k in preset}
+
+
+def table6_schedule(
+    preset: str, reading: Literal["micro", "optimizer"] = "micro", grad_accum: int | None = None
+) -> tuple[int, int]:
+    """(optimizer steps, warm-up optimizer steps) of a preset under a reading of Table 6's "training steps".
+
+    `micro`: Table 6 counts per-GPU micro-batch passes, so the optimizer steps once per `grad_accum` of them
+    (default: the preset's accumulation), rounded up. `optimizer`: the numbers are optimizer steps.
+    """
+    values = PRESETS[preset]
+    steps, warmup = int(values["max_steps"]), int(values["warmup_steps"])
+    if reading == "optimizer":
+        return steps, warmup
+    if reading != "micro":
+        raise ValueError(f"table6_steps must be 'micro' or 'optimizer', got {reading!r}")
+    accum = int(grad_accum if grad_accum is not None else values["grad_accum"])
+    return -(-steps // accum), -(-warmup // accum)
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -157,8 +239,18 @@ class TrainConfig:
 class WeightedSFTDataset(torch.utils.data.Dataset):
     """Rendered samples with labels (-100 outside responses) and their weight, in a fixed id order."""
 
-    def __init__(self, ids: list[str], input_ids: list[list[int]], labels: list[list[int]], weights: list[float]):
+    def __init__(
+        self,
+        ids: list[str],
+        input_ids: list[list[int]],
+        labels: list[list[int]],
+        weights: list[float],
+        template_name: str = "model",
+        template: str | None = None,
+    ):
         self.ids, self.input_ids, self.labels, self.weights = ids, input_ids, labels, weights
+        # The chat template the samples were rendered with (atlantis.render): the final model's tokenizer gets it.
+        self.template_name, self.template = template_name, template
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -177,7 +269,8 @@ def build_dataset(cfg: TrainConfig, tokenizer) -> WeightedSFTDataset:
             raise TrainError(f"{cfg.subset}: {len(missing)} id(s) are not in {cfg.data.path}, e.g. {missing[:3]}")
         keep = set(wanted)
         samples = [s for s in samples if s.id in keep]
-    rendered, excluded = Renderer(tokenizer, cfg.render).render(samples)
+    renderer = Renderer(tokenizer, cfg.render)
+    rendered, excluded = renderer.render(samples)
     if excluded:
         log.warning("training without %d sample(s) whose response did not fit max_length", len(excluded))
     ids = [r.id for r in rendered]
@@ -196,7 +289,9 @@ def build_dataset(cfg: TrainConfig, tokenizer) -> WeightedSFTDataset:
         sum(r.n_response for r in rendered),
         sum(w) / max(len(w), 1),
     )
-    return WeightedSFTDataset(ids, [r.input_ids for r in rendered], labels, w)
+    return WeightedSFTDataset(
+        ids, [r.input_ids for r in rendered], labels, w, renderer.template_name, renderer.template
+    )
 
 
 @dataclass
@@ -334,7 +429,8 @@ def _trainer_class():
 
 
 def resolve_deepspeed(spec: str | None) -> str | None:
-    if spec is None:
+    """The DeepSpeed JSON path for a setting (a shipped name or a file); None for no DeepSpeed."""
+    if spec is None or spec == "none":
         return None
     shipped = DEEPSPEED_CONFIGS / f"{spec}.json"
     if shipped.is_file():
@@ -347,11 +443,32 @@ def resolve_deepspeed(spec: str | None) -> str | None:
     return spec
 
 
+def mixed_bf16(cfg: TrainConfig, on_gpu: bool | None = None) -> bool:
+    """Whether the run computes in bf16: the Trainer's `bf16` flag, which also fills DeepSpeed's `"auto"`."""
+    on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
+    return cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and on_gpu)
+
+
+def load_dtype(cfg: TrainConfig, on_gpu: bool | None = None) -> torch.dtype:
+    """The dtype the weights are loaded in.
+
+    Under DeepSpeed with bf16 the engine holds bf16 weights and keeps the fp32 master copy inside its
+    (offloaded) optimizer, built from those bf16 weights; ZeRO-3's zero.Init creates the partitions in bf16
+    whatever dtype is asked. Loading fp32 would only double the bytes read and held until the engine casts
+    them (ZeRO-2: a full fp32 copy per rank, 52 GB for a 13B model), for the same result. Without DeepSpeed
+    the Trainer autocasts fp32 weights: those must stay fp32, because pure-bf16 AdamW rounds most updates
+    away at the paper's learning rates (2e-5 to 5e-7).
+    """
+    if mixed_bf16(cfg, on_gpu) and resolve_deepspeed(cfg.deepspeed) is not None:
+        return torch.bfloat16
+    return torch.float32
+
+
 def training_arguments(cfg: TrainConfig):
     from transformers import TrainingArguments
 
     on_gpu = torch.cuda.is_available()
-    bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and on_gpu)
+    bf16 = mixed_bf16(cfg, on_gpu)
     extra = {"gradient_checkpointing": True} if cfg.gradient_checkpointing else {}
     return TrainingArguments(
         **extra,
@@ -382,6 +499,12 @@ def training_arguments(cfg: TrainConfig):
     )
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _settings_fingerprint(cfg: TrainConfig) -> dict:
     """What must not change between a run and its resumption (not: out, resume, logging, saving)."""
     skip = {"out", "resume", "logging_steps", "save_steps", "save_total_limit", "report_to", "verify"}
@@ -410,25 +533,69 @@ def _resume_from(cfg: TrainConfig) -> str | bool | None:
     return cfg.resume
 
 
+def _one_process_env(cfg: TrainConfig) -> list[str]:
+    """Describe a one-process world the way torchrun would, for DeepSpeed started without a launcher (plain
+    `atlantis train`, a one-process smoke run), which otherwise looks for MPI (mpi4py) to find its rank.
+    Returns the variables set, for the caller to remove."""
+    if resolve_deepspeed(cfg.deepspeed) is None or "RANK" in os.environ:
+        return []
+    env = {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+    }
+    env = {k: v for k, v in env.items() if k not in os.environ}
+    os.environ.update(env)
+    log.info("DeepSpeed in one process without a launcher: %s", " ".join(f"{k}={v}" for k, v in env.items()))
+    return list(env)
+
+
 def train(cfg: TrainConfig, callbacks: list | None = None):
     """Fine-tune `cfg.model` on `cfg.data`; returns the Trainer (its state holds the log history)."""
+    added = _one_process_env(cfg)
+    try:
+        return _train(cfg, callbacks)
+    finally:
+        for name in added:  # a Python caller's later runs must not inherit a made-up world
+            os.environ.pop(name, None)
+
+
+def _train(cfg: TrainConfig, callbacks: list | None):
     from transformers import AutoModelForCausalLM
+    from transformers.integrations import is_deepspeed_zero3_enabled
 
     check_model_source(cfg.model, cfg.trust_remote_code)
+    for name, value in cfg.from_preset.items():
+        log.info("%s=%s from preset %s (Table 6, steps read as %s)", name, value, cfg.preset, cfg.table6_steps)
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     dataset = build_dataset(cfg, tokenizer)  # all data and weight errors surface before the model loads
-    if cfg.deepspeed and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+    if (
+        resolve_deepspeed(cfg.deepspeed)
+        and int(os.environ.get("WORLD_SIZE", "1")) > 1
+        and not torch.cuda.is_available()
+    ):
         # ZeRO-3 partitions the model while from_pretrained builds it (zero.Init), which reads the world size
         # from deepspeed.comm; on CPU nothing else initialises it before that point, so do it here (gloo).
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo")
+    # TrainingArguments first: under ZeRO-3 it registers the DeepSpeed config, so that from_pretrained builds
+    # the model inside deepspeed.zero.Init (each rank allocates only its partition, offloaded to CPU RAM with
+    # zero3_offload; rank 0 reads the checkpoint memory-mapped, the others read none) instead of every rank
+    # holding a full copy. Without ZeRO-3, transformers 5 always builds on the meta device and loads the
+    # checkpoint into it (what low_cpu_mem_usage=True did before), so one copy per rank in the load dtype.
     args = training_arguments(cfg)
-    # fp32 master weights always: with bf16=True the Trainer autocasts (or DeepSpeed keeps fp32 optimizer
-    # state); pure-bf16 AdamW would round most updates away at the paper's learning rates (2e-5 to 5e-7).
-    model = AutoModelForCausalLM.from_pretrained(
-        cfg.model, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code
-    )
+    zero3 = is_deepspeed_zero3_enabled()
+    dtype = load_dtype(cfg)
+    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    if zero3 and not all(hasattr(p, "ds_id") for p in model.parameters()):
+        raise TrainError(
+            "ZeRO-3 is on but from_pretrained returned unpartitioned weights: the model was not built under "
+            "deepspeed.zero.Init, so every rank would hold a full copy"
+        )
+    log.info("loaded %s in %s%s", cfg.model, dtype, " partitioned by ZeRO-3 at load" if zero3 else "")
     model.config.use_cache = False
     if cfg.lora.enabled:
         from peft import LoraConfig as PeftLoraConfig
@@ -470,9 +637,15 @@ def train(cfg: TrainConfig, callbacks: list | None = None):
     else:
         trainer.save_model(str(final))  # safetensors; ZeRO-3 gathers the 16-bit weights (shipped configs)
     if trainer.is_world_process_zero():
+        if dataset.template_name != "model":
+            # The final model answers in the format it was trained on (e.g. `plain` for a base model without a
+            # template): generation then renders prompts with it and stops at its end-of-turn token.
+            tokenizer.chat_template = dataset.template
         tokenizer.save_pretrained(final)
         record = {
             "config": config_lib.to_dict(cfg),
+            "chat_template": dataset.template_name,
+            "partitioned_at_load": zero3,
             "log_history": trainer.state.log_history,
             "world_size": int(os.environ.get("WORLD_SIZE", "1")),
         }

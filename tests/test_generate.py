@@ -191,3 +191,14 @@ def test_config_validation():
         build(GenerateConfig, {**base, "model": "m", "out": "a.json"})
     cfg = build(GenerateConfig, {**base, "large": "x/L", "small": "s", "ref": "r", "alpha": 0.5, "stop": "</s>,###"})
     assert cfg.model_id == "proxy-L-a0.5" and cfg.stop == ["</s>", "###"] and cfg.is_proxy
+
+
+def test_arena_hard_v01_turns_are_read():
+    """Arena-Hard-Auto v0.1's question.jsonl writes each turn as {"content": ...} (the shipped smoke excerpt)."""
+    from atlantis.generate import load_questions
+
+    path = Path(__file__).parents[1] / "atlantis" / "smoke_data" / "arena-hard-v0.1_question.jsonl"
+    questions = load_questions(path)
+    assert len(questions) == 4
+    first = json.loads(path.read_text().splitlines()[0])
+    assert questions[0].turns == (first["turns"][0]["content"],)

@@ -179,8 +179,8 @@ def test_figures_and_the_disagreement_rate(tmp_path):
 
 def test_srun_prefix_and_slurm_environment():
     assert srun_prefix(1, 1, 0) == ""
-    line = srun_prefix(16, 2, 16)
-    assert "srun --kill-on-bad-exit=1 --nodes=2 --ntasks=16 --gpus-per-task=1 " in line
+    line = srun_prefix(16, 2, 16, cpus_per_task=8)
+    assert "srun --kill-on-bad-exit=1 --nodes=2 --ntasks=16 --cpus-per-task=8 --gpus-per-task=1 " in line
     assert "export MASTER_ADDR=" in line and "MASTER_PORT=" in line
     with pytest.raises(ValueError, match="one task per GPU"):
         srun_prefix(8, 1, 16)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from atlantis.config import field
 from atlantis.data import read_jsonl
-from atlantis.evals.judge import JudgeConfig, check, public, redact
+from atlantis.evals.judge import JudgeConfig, check, redact
 from atlantis.log import get_logger
 
 log = get_logger(__name__)
@@ -93,7 +93,7 @@ def read_leaderboard(path: Path, model_id: str) -> dict:
 
 def run(cfg: AlpacaEvalConfig) -> Path:
     """`atlantis alpacaeval`: the package's evaluate on this model's outputs against the reference."""
-    from atlantis.evals.world_judge import judge_endpoint
+    from atlantis.evals.local_judge import judge_endpoint, judge_record
 
     # absolute, not resolved (a venv's python is a symlink); or an interpreter on PATH
     found = cfg.alpaca_python if Path(cfg.alpaca_python).is_file() else shutil.which(cfg.alpaca_python)
@@ -148,7 +148,7 @@ def run(cfg: AlpacaEvalConfig) -> Path:
         "model": cfg.model_id,
         "metrics": {cfg.metric: board["win_rate"]},
         "alpaca_eval": {**board, "reference": cfg.reference_id, "annotator": cfg.annotator},
-        "judge": {**public(judge), **({"base_url": "world judge (127.0.0.1)"} if cfg.world else {})},
+        "judge": judge_record(cfg.judge, judge, cfg.world),
         "leaderboard": str(boards[0]),
     }
     out.parent.mkdir(parents=True, exist_ok=True)

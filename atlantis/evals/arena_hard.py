@@ -413,18 +413,18 @@ def _load_cache(path: Path, judge_model: str) -> dict[tuple[str, int], dict]:
 
 
 def run(cfg: ArenaHardConfig) -> Path:
-    """`atlantis arena-hard`, with the tiny world's judge served for the run when `world` is set."""
+    """`atlantis arena-hard`; a local judge (the world's with `world`, or `judge.local`) is served for the run."""
     import dataclasses
 
-    from atlantis.evals.world_judge import judge_endpoint
+    from atlantis.evals.local_judge import judge_endpoint, judge_record
 
-    if not cfg.world:
+    if not (cfg.world or cfg.judge.local):
         return _run(cfg)
     with judge_endpoint(cfg.judge, cfg.world) as judge:
         out = _run(dataclasses.replace(cfg, judge=judge))
-    record = json.loads(out.read_text())
-    record["judge"]["base_url"] = "world judge (127.0.0.1)"  # its port changes from run to run
-    out.write_text(json.dumps(record, indent=1) + "\n")
+        record = json.loads(out.read_text())
+        record["judge"] = judge_record(cfg.judge, judge, cfg.world)  # its port changes from run to run
+    out.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     return out
 
 

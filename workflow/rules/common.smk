@@ -1,12 +1,26 @@
 # The experiment matrix: every training run of Tables 2-5 named once, and every scoring pass it needs.
 # Runs shared between tables (Table 3's and Table 4's baselines are Table 2's runs) are the same job.
 
+import math
 import os
 import re
+import subprocess
 
 from atlantis.launch import srun_prefix
+from atlantis.plan import JudgeWork, PlannedJob
+from atlantis.resources import (
+    Cluster,
+    ResourceError,
+    inference_resources,
+    model_size,
+    train_resources,
+)
+from atlantis.train import PRESETS, table6_schedule
 
 RESULTS = f"results/{config['profile']}"
+# CPU threads of a model job (torch's intra-op threads: Snakemake exports OMP_NUM_THREADS); the smoke profile uses 1,
+# so that two jobs share a 2-core machine and one's Python start-up overlaps the other's compute
+THREADS = int(config.get("threads", 2))
 FIGURES = f"figures/{config['profile']}"
 TABLES = ["table2", "table3", "table4", "table5", "table7"]
 METHODS = ["sft", "atlantis"]
@@ -58,6 +72,15 @@ def model_of(scorer):
     return config["large"][name]["model"] if part == "large" else config["families"][name][part]
 
 
+def family_render(scorer):
+    """Render settings a family gives one of its roles for its weight pass (`families.<f>.render.<role>`): e.g. the
+    smoke profile reads its stand-in p_S (an instruct checkpoint) through the `plain` template of a base model."""
+    name, part = scorer.rsplit(".", 1)
+    if part == "large" or name not in config["families"]:
+        return []
+    return list(config["families"][name].get("render", {}).get(part, []))
+
+
 def selection_scorer(large, selector):
     # Superfiltering scores with a small model (its premise: weak-to-strong filtering); IFD (Cherry_LLM) with
     # the model that is fine-tuned.
@@ -66,7 +89,7 @@ def selection_scorer(large, selector):
 
 def train_inputs(w):
     run = RUNS[w.run]
-    inputs = {}
+    inputs = {"made": made_inputs(config["large"][run["large"]]["model"], config["sft"])}
     if run["method"] == "atlantis":
         inputs["weights"] = f"{RESULTS}/weights/{run['family']}.parquet"
     if "subset" in run:
@@ -80,26 +103,17 @@ def train_settings(w, input):
     parts = [f"model={large['model']}", f"method={run['method']}", f"preset={large['preset']}"]
     if "seed" in run:
         parts.append(f"seed={run['seed']}")
-    parts += [f"{k}={v}" for k, v in input.items()]
+    if TRAINING["zero"] != "none":
+        parts.append(f"deepspeed={TRAINING['zero']}")  # Table 6: ZeRO-3 with optimizer and parameter offload
+    schedule = run_schedule(w.run)
+    parts += [f"{k}={schedule[k]}" for k in ("max_steps", "warmup_steps") if k in schedule]
+    parts += [f"{k}={v}" for k, v in input.items() if k != "made"]
     return " ".join(parts + config.get("train_extra", []))
 
 
-def preset_of(run, key):
-    return config["presets"][config["large"][RUNS[run]["large"]]["preset"]][key]
-
-
-def preset(w, key):
-    return preset_of(w.run, key)
-
-
-def preset_keys(w):
-    return config["presets"][config["large"][RUNS[w.run]["large"]]["preset"]].keys()
-
-
-def processes(w):
-    """Training processes of a run: one per GPU (Table 6), or the preset's `tasks` on CPU (at least one)."""
-    p = config["presets"][config["large"][RUNS[w.run]["large"]]["preset"]]
-    return int(p.get("tasks", p["gpus"]) or 1)
+# DeepSpeed compiles its ops (CPU Adam for the offloaded optimizer) on first use: one cache for every job, kept
+# between runs, on the shared file system of the workflow's folder.
+TORCH_ENV = f"export TORCH_EXTENSIONS_DIR={os.path.abspath('.cache/torch_extensions')}; "
 
 
 # What the runs need, each once (the plan counts these; Snakemake derives the same jobs from the rules).
@@ -149,8 +163,22 @@ def model_path(model):
     return f"{RESULTS}/runs/{model}/final" if model in RUNS else FIXED[model]
 
 
+def made_here(path):
+    """A model folder or data file that a rule of this workflow makes (the smoke profile's converted checkpoints and
+    data): jobs that read it declare it as an input, so they wait for it and rerun when it changes."""
+    return str(path).startswith(f"{RESULTS}/models/") or str(path).startswith(f"{RESULTS}/data/")
+
+
+def made_inputs(*paths):
+    return [p for p in paths if made_here(p)]
+
+
 def model_input(w):
-    return {"model": f"{RESULTS}/runs/{w.model}/final"} if w.model in RUNS else {}
+    if w.model in RUNS:
+        return {"model": f"{RESULTS}/runs/{w.model}/final"}
+    if w.model in PROXY_MODELS:
+        return {"models": made_inputs(*proxy_triple(w.model))}
+    return {"model": made_inputs(FIXED[w.model])} if w.model in FIXED else {}
 
 
 def proxy_triple(model):
@@ -201,3 +229,234 @@ METRICS_FILES += [f"{RESULTS}/metrics/{m}/lmeval.json" for m in EVALUATED]
 METRICS_FILES += [f"{RESULTS}/metrics/{m}/mtbench.json" for m in MTBENCH_MODELS]
 METRICS_FILES += [f"{RESULTS}/metrics/{m}/alpacaeval_{lv}.json" for m in TABLE2_MODELS for lv in ("easy", "hard")]
 METRICS_FILES += [f"{RESULTS}/metrics/{m}/arena_hard.json" for m in TABLE2_MODELS]
+
+
+# ---------------------------------------------------------------------------------------------- resources
+# Every job's GPUs, nodes, tasks, CPUs per task, memory per node and time limit follow from its model's parameter
+# count (config.json, or the architecture `model_sizes:` declares for a Hub id), the ZeRO mode, the data size and the
+# cluster (`cluster:`), through atlantis.resources; `snakemake plan` prints the same estimates.
+CLUSTER = Cluster.from_config(config.get("cluster"))
+TRAINING = {
+    "zero": "zero3_offload",
+    "table6_steps": "micro",
+    "subset_steps": "same_epochs",
+    **config.get("training", {}),
+}
+ESTIMATES = config.get("estimates", {})
+SFT_SAMPLES = ESTIMATES.get("sft", {}).get("samples", 0)
+SFT_TOKENS = ESTIMATES.get("sft", {}).get("tokens_per_sample", 0)
+
+
+def size_of(spec):
+    return model_size(spec, config.get("model_sizes", {}))
+
+
+def base_of(model):
+    """The model a benchmark job loads: a run's large base (its fine-tuned copy has the same size), or a fixed one."""
+    return config["large"][RUNS[model]["large"]]["model"] if model in RUNS else FIXED[model]
+
+
+def run_schedule(run):
+    """Optimizer steps, warm-up steps and samples seen by a run (Table 6 under the configured reading).
+
+    Table 3's subsets train as many epochs as the full run (`subset_steps: same_epochs`: steps x rate), not Table 6's
+    steps on 5% of the data (38 epochs under the micro-batch reading); `same_steps` keeps the steps.
+    """
+    r = RUNS[run]
+    preset_name = config["large"][r["large"]]["preset"]
+    rate = float(r.get("rate", 1.0))
+    if preset_name not in PRESETS:  # tiny and smoke: epochs over the data, as their train_extra says
+        epochs = float(TRAINING.get("epochs", 1))
+        return {"samples": SFT_SAMPLES * rate * epochs}
+    preset = PRESETS[preset_name]
+    steps, warmup = table6_schedule(preset_name, TRAINING["table6_steps"])
+    if "subset" in r and TRAINING["subset_steps"] == "same_epochs":
+        steps, warmup = max(1, math.ceil(steps * rate)), math.ceil(warmup * rate)
+    gpus = config["presets"][preset_name]["gpus"]
+    batch = gpus * preset["per_device_batch_size"] * preset["grad_accum"]
+    return {
+        "max_steps": steps,
+        "warmup_steps": warmup,
+        "samples": steps * batch,
+        "micro_steps": steps * preset["grad_accum"],
+    }
+
+
+def train_res(run):
+    r = RUNS[run]
+    large = config["large"][r["large"]]
+    p = config["presets"][large["preset"]]
+    batch = PRESETS[large["preset"]]["per_device_batch_size"] if large["preset"] in PRESETS else 1
+    return train_resources(
+        size_of(large["model"]),
+        gpus=int(p.get("gpus", 0)),
+        tokens=run_schedule(run)["samples"] * SFT_TOKENS,
+        cluster=CLUSTER,
+        zero=TRAINING["zero"],
+        micro_batch_tokens=batch * int(TRAINING.get("max_length", 2048)),
+        processes=int(p.get("tasks", 1)),
+        micro_steps=run_schedule(run).get("micro_steps", 0),
+        what=f"train {run}",
+    )
+
+
+def score_res(scorer):
+    gpus = int(config["scoring"].get("gpus", 1))
+    res = inference_resources(
+        [size_of(model_of(scorer))], CLUSTER, forward_tokens=SFT_SAMPLES * SFT_TOKENS, gpus=gpus, what=scorer
+    )
+    return res
+
+
+def score_tasks(scorer):
+    """Data-parallel scoring (one task per GPU, each with the whole model) when the model fits one GPU."""
+    res = score_res(scorer)
+    one = inference_resources([size_of(model_of(scorer))], CLUSTER).gpus <= 1
+    return res.gpus if (one and res.gpus > 1) else 1
+
+
+def eval_sizes(model):
+    if model in PROXY_MODELS:
+        return [size_of(m) for m in proxy_triple(model)]
+    return [size_of(base_of(model))]
+
+
+def lmeval_batch():
+    """lm-eval's batch size as the config passes it (`atlantis lmeval`'s default: 16)."""
+    given = [x.split("=", 1)[1] for x in BENCH.get("lm_eval", []) if x.startswith("batch_size=")]
+    return int(given[-1]) if given else 16
+
+
+def lmeval_res(model):
+    e = ESTIMATES.get("lmeval", {})
+    return inference_resources(
+        eval_sizes(model),
+        CLUSTER,
+        forward_tokens=float(e.get("forward_tokens", 0)),
+        generated_tokens=float(e.get("generated_tokens", 0)),
+        logits_tokens=lmeval_batch() * int(e.get("max_length", 2048)),
+        what=f"lmeval {model}",
+    )
+
+
+def answers_res(model, qset):
+    e = ESTIMATES.get("answers", {}).get(qset, {})
+    generated = float(e.get("questions", 0)) * float(e.get("turns", 1)) * float(e.get("tokens", 0))
+    return inference_resources(eval_sizes(model), CLUSTER, generated_tokens=generated, what=f"answers {model}")
+
+
+def slurm_resources(res_of):
+    """The resources block of a rule from a function wildcards -> JobResources."""
+    return {
+        "gpu": lambda w: res_of(w).gpus,
+        "nodes": 1,  # the GPUs of one sharded model: on one node
+        "mem_mb": lambda w: res_of(w).mem_mb,
+        "cpus_per_task": lambda w: res_of(w).cpus_per_task,
+        "runtime": lambda w, attempt: res_of(w).runtime_minutes(CLUSTER, attempt),
+    }
+
+
+def sharding(res):
+    """Settings that spread one model over the job's GPUs (transformers device_map / lm-eval parallelize)."""
+    return res.gpus > 1
+
+
+# The judge's API key reaches only the judge rules. The SLURM executor submits with `sbatch --export=ALL`, so every
+# variable of this process would travel into every compute job: under a cluster executor the key is taken out of this
+# process's environment before the first submission (`hide_judge_keys`, from the Snakefile's onstart) and handed back
+# only to the judge commands (`run_judged`: local rules, run in this process). The local executor runs every job on
+# this machine, and its `run:` jobs in fresh processes that read the key from the environment again.
+def _judge_key_vars():
+    names = {BENCH.get("judge", {}).get("api_key_env", "OPENAI_API_KEY")}
+    for bench, level in JUDGED:
+        j = {**BENCH.get("judge", {}), **BENCH.get(bench, {}).get("judge", {})}
+        j.update(BENCH.get(bench, {}).get(level, {}).get("judge", {}) if level else {})
+        names.add(j.get("api_key_env", "OPENAI_API_KEY"))
+    return sorted(names)
+
+
+_JUDGE_KEYS = {name: os.environ[name] for name in _judge_key_vars() if name in os.environ}
+
+
+def hide_judge_keys():
+    if not workflow.local_exec:
+        for name in _JUDGE_KEYS:
+            os.environ.pop(name, None)
+
+
+def run_judged(command):
+    """Run a judge rule's command with the judge keys in its environment (and only there)."""
+    subprocess.run(["bash", "-euo", "pipefail", "-c", command], env={**os.environ, **_JUDGE_KEYS}, check=True)
+
+
+# ---------------------------------------------------------------------------------------------- the plan
+
+
+def _planned(rule, res):
+    return PlannedJob(rule, res.gpus, res.nodes, res.hours, res.runtime_minutes(CLUSTER), res.mem_mb, res.note)
+
+
+def plan_jobs():
+    jobs = [_planned("train", train_res(r)) for r in RUNS]
+    jobs += [_planned("score", score_res(scorer)) for scorer, _ in SCORE_PASSES]
+    jobs += [PlannedJob("weights", 0, 1, 0.0, CLUSTER.min_minutes) for _ in WEIGHT_FAMILIES]
+    jobs += [PlannedJob("select", 0, 1, 0.0, CLUSTER.min_minutes) for _ in SELECTIONS]
+    if not WORLD:
+        answered = [(m, "mtbench") for m in MTBENCH_MODELS] + [
+            (m, b) for m in TABLE2_MODELS for b in ("alpacaeval", "arena")
+        ]
+        jobs += [_planned("answers", answers_res(m, BENCH["answer_files"][b])) for m, b in answered]
+        jobs += [_planned("lmeval", lmeval_res(m)) for m in RUNS]
+        jobs += [_planned("lmeval_proxy", lmeval_res(m)) for m in PROXY_MODELS]
+    return jobs
+
+
+def plan_judge():
+    est = ESTIMATES.get("judge", {})
+    prices = est.get("prices", {})
+    work = []
+    for bench, models in [
+        ("mtbench_single", MTBENCH_MODELS),
+        ("mtbench_pairwise", MTBENCH_MODELS),
+        ("alpacaeval_easy", TABLE2_MODELS),
+        ("alpacaeval_hard", TABLE2_MODELS),
+        ("arena_hard", TABLE2_MODELS),
+    ]:
+        if bench not in est:
+            continue
+        e = est[bench]
+        price = prices.get(e["judge"], [0.0, 0.0])
+        work.append(
+            JudgeWork(bench, e["judge"], len(models), int(e["calls"]), int(e["input"]), int(e["output"]), *price)
+        )
+    return work
+
+
+def plan_alternatives():
+    """Each large model's training under ZeRO-3 with and without offload: memory and time (Table 6 uses offload)."""
+    out = []
+    for large, spec in config["large"].items():
+        run = next((r for r, v in RUNS.items() if v["large"] == large and "subset" not in v), None)
+        if run is None or spec["preset"] not in PRESETS:
+            continue
+        cells = []
+        for zero in ("zero3_offload", "zero3"):
+            try:
+                res = train_resources(
+                    size_of(spec["model"]),
+                    gpus=int(config["presets"][spec["preset"]]["gpus"]),
+                    tokens=run_schedule(run)["samples"] * SFT_TOKENS,
+                    cluster=CLUSTER,
+                    zero=zero,
+                    micro_batch_tokens=PRESETS[spec["preset"]]["per_device_batch_size"]
+                    * int(TRAINING.get("max_length", 2048)),
+                    micro_steps=run_schedule(run)["micro_steps"],
+                )
+                cells.append(
+                    f"{zero} {res.hours:,.0f} h, {res.gpu_gb:,.0f} GB per GPU, {res.mem_mb / 1024:,.0f} GB RAM per node"
+                )
+            except ResourceError as err:
+                cells.append(f"{zero} does not fit ({err})")
+        size = size_of(spec["model"])
+        out.append((f"{large} ({size.params / 1e9:.2f}B)", "; ".join(cells)))
+    return out

@@ -16,7 +16,7 @@ if WORLD:
             model="|".join(re.escape(m) for m in list(RUNS) + list(FIXED)),
         conda:
             "../envs/atlantis.yaml"
-        threads: 2
+        threads: THREADS
         params:
             world=config.get("world", ""),
             model=lambda w: model_path(w.model),
@@ -35,7 +35,7 @@ if WORLD:
             large="|".join(re.escape(large) for large in PROXIES) or "$^",
         conda:
             "../envs/atlantis.yaml"
-        threads: 2
+        threads: THREADS
         params:
             world=config.get("world", ""),
             triple=lambda w: proxy_triple(f"{w.large}.proxy"),
@@ -54,12 +54,10 @@ else:
         log:
             f"{RESULTS}/logs/judge_check.log",
         localrule: True
-        conda:
-            "../envs/atlantis.yaml"
         params:
             checks=[judge_settings(b, lv).replace("judge.", "") for b, lv in JUDGED],
-        shell:
-            "for judge in {params.checks:q}; do atlantis judge-check $judge; done > {log} 2>&1"
+        run:
+            run_judged(" && ".join(f"atlantis judge-check {check}" for check in params.checks) + f" > {log} 2>&1")
 
     rule answers:
         input:
@@ -75,9 +73,9 @@ else:
             qset="|".join(QUESTION_SETS),
         conda:
             "../envs/atlantis.yaml"
+        threads: THREADS
         resources:
-            gpu=config["benchmarks"]["gpus"],
-            runtime=config["benchmarks"]["hours"] * 60,
+            **slurm_resources(lambda w: answers_res(w.model, w.qset)),
         params:
             source=lambda w: generate_source(w.model),
             extra=lambda w: " ".join(BENCH["generate"].get(w.qset, [])),

@@ -1,4 +1,5 @@
-# `snakemake plan`: job counts and GPU-hours per rule for this profile, without touching models or data.
+# `snakemake plan`: GPU-hours, node-hours, wall-clock and the judge's calls and cost for this profile, from the
+# same estimates the rules give SLURM (atlantis.resources), without touching models or data.
 
 
 rule plan:
@@ -10,10 +11,15 @@ rule plan:
     conda:
         "../envs/atlantis.yaml"
     params:
-        jobs=[("train", preset_of(r, "gpus"), preset_of(r, "hours")) for r in RUNS]
-        + [("score", config["scoring"]["gpus"], config["scoring"]["hours"]) for _ in SCORE_PASSES]
-        + [("weights", 0, 0.0) for _ in WEIGHT_FAMILIES]
-        + [("select", 0, 0.0) for _ in SELECTIONS],
+        # callables: evaluated only when the plan is made, not at every parse of the workflow
+        jobs=lambda w: plan_jobs(),
+        judge=lambda w: plan_judge(),
+        cluster=CLUSTER,
+        alternatives=lambda w: plan_alternatives(),
+        assumptions=lambda w: {
+            **{f"estimates.{k}": v for k, v in ESTIMATES.items() if k != "judge"},
+            "training": TRAINING,
+        },
         profile=config["profile"],
     script:
         "../scripts/plan.py"

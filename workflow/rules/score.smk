@@ -8,6 +8,8 @@ SCORE_PASS = {
 
 
 rule score:
+    input:
+        lambda w: made_inputs(model_of(w.scorer), config["sft"]),
     output:
         f"{RESULTS}/scores/{{scorer}}/{{kind}}.parquet",
     log:
@@ -16,18 +18,32 @@ rule score:
         kind="|".join(SCORE_PASS),
     conda:
         "../envs/atlantis.yaml"
-    threads: 2
+    threads: THREADS
     resources:
-        gpu=config["scoring"]["gpus"],
-        runtime=config["scoring"]["hours"] * 60,
+        gpu=lambda w: score_res(w.scorer).gpus,
+        nodes=1,
+        tasks=lambda w: score_tasks(w.scorer),
+        tasks_per_gpu=lambda w: 1 if score_tasks(w.scorer) > 1 else 0,
+        mpi=lambda w: "srun" if score_tasks(w.scorer) > 1 else "",
+        cpus_per_task=lambda w: score_res(w.scorer).cpus_per_task // score_tasks(w.scorer),
+        mem_mb=lambda w: score_res(w.scorer).mem_mb * score_tasks(w.scorer),
+        runtime=lambda w, attempt: score_res(w.scorer).runtime_minutes(CLUSTER, attempt),
     params:
         model=lambda w: model_of(w.scorer),
         role=lambda w: w.scorer.rsplit(".", 1)[1] if w.kind == "weights" else w.kind,
-        extra=lambda w: " ".join(config.get("score_extra", []) + [SCORE_PASS[w.kind]]),
+        extra=lambda w: " ".join(
+            config.get("score_extra", [])
+            + (family_render(w.scorer) if w.kind == "weights" else [])
+            + [SCORE_PASS[w.kind]]
+        ),
         data=config["sft"],
+        # data-parallel over the job's GPUs (rank r scores shards i % world == r; the last one merges)
+        launch=lambda w: srun_prefix(
+            score_tasks(w.scorer), 1, score_tasks(w.scorer), score_res(w.scorer).cpus_per_task // score_tasks(w.scorer)
+        ),
     shell:
-        "atlantis score model={params.model} role={params.role} data={params.data} out={output} {params.extra}"
-        " > {log} 2>&1"
+        "{params.launch}atlantis score model={params.model} role={params.role} data={params.data} out={output}"
+        " {params.extra} > {log} 2>&1"
 
 
 rule weights:

@@ -12,19 +12,23 @@ rule train:
         f"{RESULTS}/logs/train/{{run}}.log",
     conda:
         "../envs/atlantis.yaml"
-    threads: 2
+    threads: THREADS
     resources:
-        gpu=lambda w: preset(w, "gpus"),
-        nodes=lambda w: preset(w, "nodes"),
-        tasks=processes,
-        cpus_per_task=lambda w: preset(w, "cpus_per_task") if "cpus_per_task" in preset_keys(w) else 2,
-        tasks_per_gpu=lambda w: 1 if preset(w, "gpus") else 0,
-        mpi=lambda w: "srun" if processes(w) > 1 else "",
-        runtime=lambda w: preset(w, "hours") * 60,
+        gpu=lambda w: train_res(w.run).gpus,
+        nodes=lambda w: train_res(w.run).nodes,
+        tasks=lambda w: train_res(w.run).tasks,
+        cpus_per_task=lambda w: train_res(w.run).cpus_per_task,
+        mem_mb=lambda w: train_res(w.run).mem_mb,
+        tasks_per_gpu=lambda w: 1 if train_res(w.run).gpus else 0,
+        mpi=lambda w: "srun" if train_res(w.run).tasks > 1 else "",
+        runtime=lambda w, attempt: train_res(w.run).runtime_minutes(CLUSTER, attempt),
     params:
         settings=train_settings,
         data=config["sft"],
         out=lambda w: f"{RESULTS}/runs/{w.run}",
-        launch=lambda w: srun_prefix(processes(w), preset(w, "nodes"), preset(w, "gpus")),
+        launch=lambda w: srun_prefix(
+            train_res(w.run).tasks, train_res(w.run).nodes, train_res(w.run).gpus, train_res(w.run).cpus_per_task
+        ),
+        env=TORCH_ENV,
     shell:
-        "{params.launch}atlantis train data={params.data} out={params.out} {params.settings} > {log} 2>&1"
+        "{params.env}{params.launch}atlantis train data={params.data} out={params.out} {params.settings} > {log} 2>&1"
