@@ -22,6 +22,8 @@ rule tables:
     input:
         matrix=f"{RESULTS}/matrix.json",
         metrics=METRICS_FILES,
+        # the paper's tables as transcribed in this repository (wherever the workflow runs from)
+        paper=expand(os.path.join(workflow.basedir, "results", "paper", "{table}.csv"), table=TABLES),
     output:
         csv=report(
             expand(f"{RESULTS}/tables/{{table}}.csv", table=TABLES),
@@ -42,9 +44,11 @@ rule tables:
         "../envs/atlantis.yaml"
     params:
         metrics=lambda w, input: os.path.commonpath(input.metrics),
+        paper=lambda w, input: os.path.dirname(input.paper[0]),
         out=lambda w, output: os.path.dirname(output.provenance),
     shell:
-        "atlantis report matrix={input.matrix} metrics={params.metrics} out={params.out} > {log} 2>&1"
+        "atlantis report matrix={input.matrix} metrics={params.metrics} paper={params.paper} out={params.out}"
+        " > {log} 2>&1"
 
 
 rule figures:
