@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,6 +167,11 @@ class TrainConfig:
     logging_steps: int = field(10, help="Log every N steps.")
     save_steps: int = field(500, help="Checkpoint every N steps.")
     save_total_limit: int | None = field(3, help="Keep at most N checkpoints.")
+    keep_checkpoints: bool = field(
+        True,
+        help="Keep out/checkpoint-* once the final model is written (a ZeRO-3 checkpoint holds the optimizer states: "
+        "~16 bytes per parameter); false deletes them, as the smoke profile does.",
+    )
     resume: str = field("auto", help="`auto`: resume from the last checkpoint in `out` if any; `none`; or a path.")
     trust_remote_code: bool = field(False, help="Allow a model folder's own Python code to run.")
     report_to: str = field("none", help="Trainer integrations (none, tensorboard, wandb, ...).")
@@ -507,7 +513,8 @@ def _free_port() -> int:
 
 def _settings_fingerprint(cfg: TrainConfig) -> dict:
     """What must not change between a run and its resumption (not: out, resume, logging, saving)."""
-    skip = {"out", "resume", "logging_steps", "save_steps", "save_total_limit", "report_to", "verify"}
+    skip = {"out", "resume", "logging_steps", "save_steps", "save_total_limit", "keep_checkpoints", "report_to"}
+    skip.add("verify")
     return {k: v for k, v in config_lib.to_dict(cfg).items() if k not in skip}
 
 
@@ -651,6 +658,10 @@ def _train(cfg: TrainConfig, callbacks: list | None):
         }
         (Path(cfg.out) / "train_record.json").write_text(json.dumps(record, indent=1, default=str))
         log.info("saved the final model to %s", final)
+        if not cfg.keep_checkpoints:
+            for checkpoint in sorted(Path(cfg.out).glob("checkpoint-*")):
+                shutil.rmtree(checkpoint)
+                log.info("deleted %s (keep_checkpoints=false)", checkpoint)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # A clean teardown: ranks leaving while gloo still has work in flight can abort at exit.
         torch.distributed.barrier()

@@ -408,3 +408,12 @@ def test_lora_run_saves_a_merged_model(world, tmp_path):
     assert set(merged) == set(base)  # no adapter keys left
     changed = [k for k in base if not torch.equal(base[k], merged[k])]
     assert changed and all("proj" in k for k in changed)  # only the adapted projections moved
+
+
+def test_keep_checkpoints_false_leaves_only_the_final_model(world, tmp_path):
+    """The smoke profile's runs delete their ZeRO checkpoints (optimizer states) once the final model is written."""
+    run_and_capture(world, tmp_path / "k", save_steps=1)
+    assert sorted(p.name for p in (tmp_path / "k").glob("checkpoint-*"))  # kept by default
+    run_and_capture(world, tmp_path / "d", save_steps=1, keep_checkpoints=False)
+    assert not list((tmp_path / "d").glob("checkpoint-*"))
+    assert (tmp_path / "d" / "final" / "model.safetensors").is_file()
