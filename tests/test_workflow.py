@@ -299,7 +299,7 @@ def test_plan_reports_gpu_hours_and_judge_cost(tmp_path):
     text = (tmp_path / "results" / "paper" / "plan.md").read_text()
     rows = {m[1]: m.groups()[1:] for m in re.finditer(r"^\| (\w+) \| (\d+) \| ([\d, ]+) \| ([\d,.]+) \|", text, re.M)}
     assert rows["train"][:2] == ("36", "16, 32, 64") and rows["score"][:2] == ("18", "8")
-    assert rows["lmeval"][:2] == ("36", "1, 4") and rows["answers"][0] == "49"
+    assert rows["lmeval"][:2] == ("36", "1, 2, 4") and rows["answers"][0] == "49"
     # 13B-class training is bound by ZeRO-3's traffic, not FLOPs: 60K micro-batch passes per GPU, each gathering the
     # bf16 parameters twice and reduce-scattering the gradients (3 x 2 bytes x N x 15/16) at 20 GB/s across 2 nodes
     llama_comm = 60_000 * 6 * 13.016e9 * 15 / 16 / 20e9 / 3600
