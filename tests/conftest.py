@@ -17,6 +17,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from atlantis.testing import SAMPLES, build_tiny_model  # noqa: E402,F401
 
 
+def write_answers(path: Path, model_id: str, rows: dict) -> str:
+    """FastChat-format answers {question_id: turns} of one model, as `atlantis generate` writes them."""
+    path.write_text(
+        "".join(
+            json.dumps({"question_id": q, "model_id": model_id, "choices": [{"index": 0, "turns": turns}]}) + "\n"
+            for q, turns in rows.items()
+        )
+    )
+    return str(path)
+
+
 def write_jsonl(path: Path, records) -> Path:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return path

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import write_answers
 
 from atlantis.evals.judge import JudgeConfig, JudgeError, chat
 from atlantis.evals.world_judge import JudgeInputError, WorldJudge, arena_label, serve
@@ -94,16 +95,6 @@ def test_world_judge_over_http_checks_the_key(monkeypatch):
         assert "401" in str(err.value) and "sk-wrong-key-9876543210" not in str(err.value)
 
 
-def _answers(path: Path, model_id: str, rows: dict) -> str:
-    path.write_text(
-        "".join(
-            json.dumps({"question_id": q, "model_id": model_id, "choices": [{"index": 0, "turns": turns}]}) + "\n"
-            for q, turns in rows.items()
-        )
-    )
-    return str(path)
-
-
 def test_a_missing_judge_fails_before_any_judging(tmp_path, monkeypatch):
     from atlantis.evals.mtbench import MTBenchConfig, run
 
@@ -111,7 +102,7 @@ def test_a_missing_judge_fails_before_any_judging(tmp_path, monkeypatch):
     q = tmp_path / "q.jsonl"
     q.write_text(json.dumps({"question_id": "a", "category": "knowledge", "turns": [Q_MIS]}) + "\n")
     cfg = MTBenchConfig(
-        answers=[_answers(tmp_path / "m.jsonl", "m", {"a": [" lake."]})],
+        answers=[write_answers(tmp_path / "m.jsonl", "m", {"a": [" lake."]})],
         model_ids=["m"],
         out=[str(tmp_path / "m.json")],
         questions=str(q),
@@ -140,9 +131,9 @@ def test_mtbench_through_fastchat_matches_hand_computation(tmp_path, monkeypatch
     ]
     qs.write_text("".join(json.dumps(r) + "\n" for r in rows))
     # good: 10, 10 | 7, 10   ->  mean 9.25;  bad: 1, 2 | 2, 10 -> mean 3.75
-    good = _answers(tmp_path / "good.jsonl", "x", {"q1": [" black.", " lake."], "q2": ["lake", " black."]})
-    bad = _answers(tmp_path / "bad.jsonl", "x", {"q1": [" red.", " cave."], "q2": [" cave.", " black."]})
-    base = _answers(tmp_path / "base.jsonl", "x", {"q1": [" black.", " cave."], "q2": [" cave.", " black."]})
+    good = write_answers(tmp_path / "good.jsonl", "x", {"q1": [" black.", " lake."], "q2": ["lake", " black."]})
+    bad = write_answers(tmp_path / "bad.jsonl", "x", {"q1": [" red.", " cave."], "q2": [" cave.", " black."]})
+    base = write_answers(tmp_path / "base.jsonl", "x", {"q1": [" black.", " cave."], "q2": [" cave.", " black."]})
     outs = [str(tmp_path / "good.json"), str(tmp_path / "bad.json")]
     run(
         MTBenchConfig(
@@ -182,8 +173,8 @@ def test_alpacaeval_through_the_package_matches_hand_computation(tmp_path):
     qs = tmp_path / "alpaca.jsonl"
     facts = [("a", Q_NORMAL, "black"), ("b", Q_MIS, "lake")]
     qs.write_text("".join(json.dumps({"question_id": q, "instruction": t}) + "\n" for q, t, _ in facts))
-    model = _answers(tmp_path / "m.jsonl", "m", {"a": [" black."], "b": [" cave."]})
-    ref = _answers(tmp_path / "r.jsonl", "r", {"a": [" blue."], "b": [" lake."]})
+    model = write_answers(tmp_path / "m.jsonl", "m", {"a": [" black."], "b": [" cave."]})
+    ref = write_answers(tmp_path / "r.jsonl", "r", {"a": [" blue."], "b": [" lake."]})
     out = tmp_path / "out.json"
     run(
         AlpacaEvalConfig(

@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import write_answers
 
 from atlantis.evals import local_judge
 from atlantis.evals.judge import JudgeConfig, JudgeError, chat, check
@@ -388,16 +389,6 @@ def test_smoke_judge_over_http_with_logprobs_and_its_own_key(monkeypatch):
 # ----------------------------------------------------------------------------- runners with the smoke judge
 
 
-def _answers(path: Path, model_id: str, rows: dict) -> str:
-    path.write_text(
-        "".join(
-            json.dumps({"question_id": q, "model_id": model_id, "choices": [{"index": 0, "turns": turns}]}) + "\n"
-            for q, turns in rows.items()
-        )
-    )
-    return str(path)
-
-
 @needs_data
 def test_arena_hard_with_the_smoke_judge(smoke_data, tmp_path, monkeypatch):
     from atlantis.evals.arena_hard import ArenaHardConfig, run
@@ -417,7 +408,7 @@ def test_arena_hard_with_the_smoke_judge(smoke_data, tmp_path, monkeypatch):
     run(
         ArenaHardConfig(
             questions=str(arena / "question.jsonl"),
-            answers=_answers(tmp_path / "m.jsonl", "smoke-model", mine),
+            answers=write_answers(tmp_path / "m.jsonl", "smoke-model", mine),
             baseline=str(arena / "model_answer" / "gpt-4-0314.jsonl"),
             out=str(out),
             judge=JudgeConfig(**PAPER_JUDGE, model="gpt-4-1106-preview"),
@@ -456,12 +447,12 @@ def test_mtbench_through_fastchat_with_the_smoke_judge(smoke_data, tmp_path, mon
     outs = [str(tmp_path / "good.json"), str(tmp_path / "bad.json")]
     run(
         MTBenchConfig(
-            answers=[_answers(tmp_path / "g.jsonl", "x", good), _answers(tmp_path / "b.jsonl", "x", bad)],
+            answers=[write_answers(tmp_path / "g.jsonl", "x", good), write_answers(tmp_path / "b.jsonl", "x", bad)],
             model_ids=["good", "bad"],
             out=outs,
             questions=str(smoke_data / "mt_bench" / "question.jsonl"),
             reference_answers=str(smoke_data / "mt_bench" / "reference_answer" / "gpt-4.jsonl"),
-            baseline_answers=_answers(tmp_path / "base.jsonl", "x", bad),
+            baseline_answers=write_answers(tmp_path / "base.jsonl", "x", bad),
             judge=JudgeConfig(**PAPER_JUDGE, model="gpt-4"),
             fschat_python=str(FSCHAT),
         )
@@ -507,7 +498,7 @@ def test_alpacaeval_both_levels_with_the_smoke_judge(smoke_data, tmp_path, monke
     out = tmp_path / "out.json"
     run(
         AlpacaEvalConfig(
-            answers=_answers(tmp_path / "m.jsonl", "m", mine),
+            answers=write_answers(tmp_path / "m.jsonl", "m", mine),
             questions=str(reference),
             model_id="smoke-model",
             reference=str(reference),

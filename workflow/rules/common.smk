@@ -302,10 +302,9 @@ def train_res(run):
 
 def score_res(scorer):
     gpus = int(config["scoring"].get("gpus", 1))
-    res = inference_resources(
+    return inference_resources(
         [size_of(model_of(scorer))], CLUSTER, forward_tokens=SFT_SAMPLES * SFT_TOKENS, gpus=gpus, what=scorer
     )
-    return res
 
 
 def score_tasks(scorer):
