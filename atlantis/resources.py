@@ -339,10 +339,12 @@ def inference_resources(
     generated_tokens: float = 0.0,
     gpus: int | None = None,
     logits_tokens: int = 0,
+    threads: int = 0,
     what: str = "eval",
 ) -> JobResources:
     """A scoring, lm-eval or answer job: weights sharded over a node's GPUs (or `gpus` data-parallel tasks for
-    scoring); 2·N FLOPs per token read and per token generated."""
+    scoring); 2·N FLOPs per token read and per token generated. On a CPU cluster the job asks for `threads` cores
+    (the rule's torch threads; 0: the whole node), so jobs lighter than a node share it."""
     need = inference_gpus(sizes, cluster, logits_tokens=logits_tokens)
     n = sum(s.params for s in sizes)
     if cluster.cpu_only:
@@ -367,7 +369,7 @@ def inference_resources(
         tasks=tasks,
         cpus_per_task=max(1, cluster.cpus_per_node // max(cluster.gpus_per_node, 1) * max(devices, 1))
         if not cluster.cpu_only
-        else cluster.cpus_per_node,
+        else min(threads or cluster.cpus_per_node, cluster.cpus_per_node),
         mem_mb=math.ceil(min(host, cluster.ram_per_node_gb * GB) / 2**20),
         hours=hours,
         gpu_gb=sum(s.bytes(2) for s in sizes) / GB / max(devices, 1),

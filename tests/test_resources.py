@@ -108,6 +108,16 @@ def test_evaluation_gpus_follow_the_model_and_its_logits():
     assert inference_gpus([SIZE_13B], Cluster(gpus_per_node=0, gpu_mem_gb=0)) == 0  # a CPU cluster
 
 
+def test_cpu_cluster_jobs_ask_for_their_threads_so_two_share_a_node():
+    """On a CPU cluster an inference job asks for the rule's threads, not the whole node (the smoke run under the
+    one-node SLURM runs two 1-thread jobs side by side); without threads it takes the node."""
+    cpu = Cluster(gpus_per_node=0, gpu_mem_gb=0, cpus_per_node=2, ram_per_node_gb=16)
+    small = ModelSize(params=135_000_000, largest_layer=28_000_000, layers=30, hidden=576, vocab=49152)
+    assert inference_resources([small], cpu, threads=1).cpus_per_task == 1
+    assert inference_resources([small], cpu).cpus_per_task == 2
+    assert inference_resources([small], cpu, threads=8).cpus_per_task == 2  # never more than the node has
+
+
 def test_cluster_rejects_unknown_or_negative_settings():
     with pytest.raises(ResourceError, match="unknown"):
         Cluster.from_config({"gpu_memory": 80})

@@ -303,7 +303,12 @@ def train_res(run):
 def score_res(scorer):
     gpus = int(config["scoring"].get("gpus", 1))
     return inference_resources(
-        [size_of(model_of(scorer))], CLUSTER, forward_tokens=SFT_SAMPLES * SFT_TOKENS, gpus=gpus, what=scorer
+        [size_of(model_of(scorer))],
+        CLUSTER,
+        forward_tokens=SFT_SAMPLES * SFT_TOKENS,
+        gpus=gpus,
+        threads=THREADS,
+        what=scorer,
     )
 
 
@@ -334,6 +339,7 @@ def lmeval_res(model):
         forward_tokens=float(e.get("forward_tokens", 0)),
         generated_tokens=float(e.get("generated_tokens", 0)),
         logits_tokens=lmeval_batch() * int(e.get("max_length", 2048)),
+        threads=THREADS,
         what=f"lmeval {model}",
     )
 
@@ -341,7 +347,9 @@ def lmeval_res(model):
 def answers_res(model, qset):
     e = ESTIMATES.get("answers", {}).get(qset, {})
     generated = float(e.get("questions", 0)) * float(e.get("turns", 1)) * float(e.get("tokens", 0))
-    return inference_resources(eval_sizes(model), CLUSTER, generated_tokens=generated, what=f"answers {model}")
+    return inference_resources(
+        eval_sizes(model), CLUSTER, generated_tokens=generated, threads=THREADS, what=f"answers {model}"
+    )
 
 
 def slurm_resources(res_of):
