@@ -218,6 +218,15 @@ def convert(cfg: AssetsConfig) -> Path:
     return out
 
 
+def tokenizer(name: AssetName):
+    """The asset's tokenizer alone, read from its GGUF package (no model conversion; Gemma's parts are assembled
+    in a temporary folder): for tests that need a real tokenizer and chat template."""
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as scratch, ASSETS[name].gguf(Path(scratch)) as gguf:
+        return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+
 def publish(staging: Path, out: Path) -> None:
     """Move a finished staging folder to `out` in one rename (a reader never sees half of it), readable by others
     (mkdtemp makes 0700 folders), replacing what `out` held."""

@@ -9,6 +9,14 @@ Algorithm 1 (lines 5-6) trains with L = −Σ_{i∈B} (W_i/|B|) log p(y_i|x_i). 
 - ``sequence``: Algorithm 1 literally, Σ_i w_i Σ_t ℓ_it / |B|, with |B| the number of sequences in the
   global batch (log p(y|x) is the sum over the response tokens).
 
+Both give every response token of sample i the same coefficient ∂L/∂ℓ_it = w_i/N (N: tokens or sequences),
+so in both a sample's pull on the step grows with its length (w_i·n_i); they differ only in N, a scalar of
+the step: token = sequence · |B|/N_tokens. What a weight of 2 is worth: under ``sequence`` a sample adds
+w_i·Σ_t ℓ_it/|B| to its step whatever its companions, so at a fixed batch size weight 2 is exactly two
+copies; under ``token`` N counts tokens, not weighted tokens, so weight 2 on a sample with n_a of the
+step's N tokens is (N + n_a)/N times the step with the copy added as an extra row (same direction; the
+sequence analogue is (|B| + 1)/|B|). Derivations and the long-vs-short consequences: docs/normalisation.md.
+
 Never divide by Σw of a micro-batch: at the paper's micro-batch sizes of 1-2 that cancels the weights
 (a one-sample micro-batch would always get weight 1).
 """

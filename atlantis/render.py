@@ -1,21 +1,31 @@
 """Render samples with the chat template of the model that reads them; token ids plus a response mask.
 
-The mask is derived from character spans, never from hard-coded token ids, so it is right for any
+The response spans are found in characters, never from hard-coded token ids, so they are right for any
 template: each assistant turn is rendered as a unique placeholder, the placeholders are located in the
 rendered text, the real content is substituted back, and the result is checked to equal the template's
 own rendering of the real conversation (a template that rewrites content is an error, not a silent
-mis-mask). A token belongs to the response when its character span overlaps a response span.
+mis-mask).
 
-p_S is a base model and p_r an instruct model (paper Table 1), so each reads the sample in its own format:
-`template="auto"` uses the tokenizer's chat template and falls back to the named `plain` template for base
-models that have none.
+One y under every template: the text is tokenised in segments split at the start and end of each response,
+so a response's tokens are the tokenisation of the response text alone, whatever precedes it. Tokenising the
+whole text instead lets a template's separator merge into the first response token (`"Assistant: hello"` ->
+`' hello'`, one token, where a chat template's `"assistant\n" + "hello"` gives `'hello'`): p_S and p_r would then
+score different token sequences and their per-token means would cover different text (issue 11). The named
+templates put the response after a newline, where byte-level BPE and SentencePiece split anyway, so the forced
+boundary is also the natural one; a template that puts it after a space (Llama-2-chat's `[/INST] `) leaves that
+space as its own token. Tokenizers that prefix a word-start marker to every encoded string (SentencePiece's
+dummy prefix, e.g. Llama-2's legacy tokenizer) encode a segment behind a newline and drop the newline's tokens.
+Each `Rendered` carries its scored text (`response_text`), so a score file can prove which string it scored.
+
+Which template reads a sample is the caller's choice (`template`): the workflow reads every base model p_S, p_L
+through `plain` and every instruct model p_r through its own chat template (README, "What p_S(y|x) means").
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -31,11 +41,15 @@ log = get_logger(__name__)
 # Stanford Alpaca prompt used by Cherry_LLM (IFD) and Superfiltering; `chatml` is Qwen's/OpenHermes' format.
 # The end-of-sequence token after each response teaches a base model to stop when it is fine-tuned.
 NAMED_TEMPLATES: dict[str, str] = {
+    # the response follows a newline: a token boundary under every tokenizer (see the module docstring)
     "plain": (
         "{% for m in messages %}"
         "{% if m['role'] == 'system' %}{{ m['content'] + '\n\n' }}"
-        "{% elif m['role'] == 'user' %}{{ 'User: ' + m['content'] + '\n\nAssistant: ' }}"
-        "{% else %}{{ m['content'] + (eos_token or '') + '\n\n' }}{% endif %}"
+        "{% elif m['role'] == 'user' %}{{ 'User: ' + m['content'] + '\n\nAssistant:\n' }}"
+        # an assistant turn not answering a user turn (ShareGPT chunks often open with one) gets its own header,
+        # so its first token is predicted from context as under a chat template
+        "{% else %}{% if loop.first or messages[loop.index0 - 1]['role'] != 'user' %}{{ 'Assistant:\n' }}{% endif %}"
+        "{{ m['content'] + (eos_token or '') + '\n\n' }}{% endif %}"
         "{% endfor %}"
     ),
     "alpaca": (
@@ -48,11 +62,21 @@ NAMED_TEMPLATES: dict[str, str] = {
         "{% else %}{{ m['content'] + (eos_token or '') + '\n\n' }}{% endif %}"
         "{% endfor %}"
     ),
+    # Superfiltering's released prompt (code_ifd/data_analysis.py, `--prompt none`): "{instruction}\n" + output
+    "superfiltering": (
+        "{% for m in messages %}"
+        "{% if m['role'] == 'assistant' %}{{ m['content'] + '\n' }}{% else %}{{ m['content'] + '\n' }}{% endif %}"
+        "{% endfor %}"
+    ),
     "chatml": (
         "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
         "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
     ),
 }
+
+
+# Named texts before a response in the direct pass of IFD (`render.direct_prefix`).
+DIRECT_PREFIXES = {"none": "", "alpaca": "### Response:"}  # Cherry_LLM data_analysis.py: '### Response:' + output
 
 
 @dataclass
@@ -70,7 +94,13 @@ class RenderConfig:
     context: Literal["full", "response_only"] = field(
         "full",
         help="`full`: score y given the rendered conversation (p(y|x)); `response_only`: score the response "
-        "text alone (p(y), the 'direct' term of IFD).",
+        "text alone (p(y), the 'direct' term of IFD), each response behind `direct_prefix`, and only as many of "
+        "its tokens as the `full` rendering keeps under max_length (the upstream scripts' same-span trimming).",
+    )
+    direct_prefix: str = field(
+        "none",
+        help="Text before each response in `response_only`: `none`, `alpaca` ('### Response:', Cherry_LLM's IFD "
+        "direct pass) or any other literal text.",
     )
     include_end_of_turn: bool = field(
         False,
@@ -97,6 +127,7 @@ class Rendered:
     labels_mask: list[bool]
     n_response_full: int  # response tokens before truncation
     truncated: bool
+    response_text: str = ""  # the scored tokens, decoded (the same string for every model that scores y)
 
     @property
     def n_response(self) -> int:
@@ -128,6 +159,17 @@ def resolve_template(tokenizer, spec: str) -> tuple[str, str]:
     raise DataError(f"unknown template {spec!r}: use auto, model, {sorted(NAMED_TEMPLATES)} or a .jinja path")
 
 
+def _strip_span(text: str, span: tuple[int, int]) -> tuple[int, int]:
+    """The span without trailing whitespace: whatever follows y (EOS, an end-of-turn token, a blank line) is the
+    template's, never scored. Leading whitespace stays where the template keeps it (the tiny world's answers are
+    " lake."): a template that strips it (Llama-2-chat, Gemma) then scores another string, and the weights step
+    excludes such samples by name (their decoded scored text differs)."""
+    a, b = span
+    while b > a and text[b - 1].isspace():
+        b -= 1
+    return a, b
+
+
 def _merge_system(turns: Sequence[Turn]) -> list[Turn]:
     system = "\n\n".join(t.content for t in turns if t.role == "system")
     rest = [t for t in turns if t.role != "system"]
@@ -148,6 +190,15 @@ class Renderer:
         specials = sorted({s for s in tokenizer.all_special_tokens if s}, key=len, reverse=True)
         self._eot = re.compile(r"\s*(?:" + "|".join(map(re.escape, specials)) + ")") if specials else None
         self._warned_system = False
+        # The tokens the tokenizer adds in front of a text (BOS, if any) and whether it prefixes a word-start
+        # marker to every string it encodes (SentencePiece's dummy prefix): segments after the first are then
+        # encoded behind a newline whose tokens are dropped, as they would be tokenised inside the whole text.
+        bare = self._encode(["a"])[0]
+        full = tokenizer("a")["input_ids"]
+        self._lead = list(full[: len(full) - len(bare)]) if full[len(full) - len(bare) :] == bare else []
+        self._newline = self._encode(["\n"])[0]
+        behind = self._encode(["\na"])[0]
+        self._dummy_prefix = behind[: len(self._newline)] == self._newline and behind[len(self._newline) :] != bare
 
     # -- text ------------------------------------------------------------------------------------------
     def _apply(self, turns: Sequence[Turn]) -> str:
@@ -157,12 +208,14 @@ class Renderer:
     def text_and_spans(self, sample: Sample) -> tuple[str, list[tuple[int, int]]]:
         """The rendered text and the character spans of every response."""
         if self.cfg.context == "response_only":
-            parts = [sample.turns[i].content for i in sample.response_turns]
-            spans, pos = [], 0
-            for part in parts:
-                spans.append((pos, pos + len(part)))
-                pos += len(part) + 2
-            return "\n\n".join(parts), spans
+            text, spans = "", []
+            for k, i in enumerate(sample.response_turns):
+                text += ("\n\n" if k else "") + DIRECT_PREFIXES.get(self.cfg.direct_prefix, self.cfg.direct_prefix)
+                spans.append(
+                    _strip_span(text + sample.turns[i].content, (len(text), len(text) + len(sample.turns[i].content)))
+                )
+                text += sample.turns[i].content
+            return text, spans
         turns = list(sample.turns)
         if self.cfg.system == "merge":
             turns = _merge_system(turns)
@@ -206,7 +259,7 @@ class Renderer:
             text.append(skeleton[cursor:])
             joined = "".join(text)
             if joined == real:
-                return joined, [self._extend(joined, s) for s in spans]
+                return joined, [self._extend(joined, _strip_span(joined, s)) for s in spans]
         raise DataError(
             f"{sample.source or sample.id}: the chat template rewrites the response text, so its "
             "tokens cannot be located reliably; use another render.template"
@@ -219,41 +272,86 @@ class Renderer:
         return (span[0], m.end()) if m else span
 
     # -- tokens ----------------------------------------------------------------------------------------
+    def _encode(self, texts: Sequence[str]) -> list[list[int]]:
+        return self.tok(list(texts), add_special_tokens=False)["input_ids"] if texts else []
+
+    def _segments(self, text: str, spans: Sequence[tuple[int, int]]) -> list[tuple[str, bool]]:
+        """`text` cut at the start and end of every response span: (segment, is_response), empty ones left out.
+        A whitespace-only response has an empty span: nothing of it is scored."""
+        out, pos = [], 0
+        for a, b in spans:
+            out += [(text[pos:a], False), (text[a:b], True)]
+            pos = b
+        out.append((text[pos:], False))
+        return [(seg, resp) for seg, resp in out if seg]
+
+    def _tokenise(self, texts: Sequence[str], spans: Sequence[Sequence[tuple[int, int]]]):
+        """Token ids and response mask of each text, encoded segment by segment (one batched call)."""
+        bos = self.tok.bos_token
+        pieces, owner = [], []
+        for i, (text, sp) in enumerate(zip(texts, spans)):
+            for k, (seg, resp) in enumerate(self._segments(text, sp)):
+                behind = self._dummy_prefix and k > 0
+                pieces.append("\n" + seg if behind else seg)
+                owner.append((i, resp, behind))
+        encoded = self._encode(pieces)
+        ids: list[list[int]] = [[] for _ in texts]
+        mask: list[list[bool]] = [[] for _ in texts]
+        for i, text in enumerate(texts):
+            if not (bos and text.startswith(bos)):  # a template that writes BOS itself gets no second one
+                ids[i] += self._lead
+                mask[i] += [False] * len(self._lead)
+        for (i, resp, behind), toks in zip(owner, encoded):
+            if behind:
+                if toks[: len(self._newline)] != self._newline:
+                    raise DataError(f"cannot encode a segment behind a newline with this tokenizer: {toks[:5]}")
+                toks = toks[len(self._newline) :]
+            ids[i] += toks
+            mask[i] += [resp] * len(toks)
+        return ids, mask
+
+    def _kept_in_context(self, samples: Sequence[Sample], batch_size: int) -> dict[str, int]:
+        """Response tokens the `full` rendering keeps under max_length, per id (0: none)."""
+        full = Renderer(self.tok, replace(self.cfg, context="full"))
+        full.template_name, full.template = self.template_name, self.template
+        rendered, _ = full.render(samples, batch_size)
+        return {r.id: r.n_response for r in rendered}
+
     def render(self, samples: Sequence[Sample], batch_size: int = 512) -> tuple[list[Rendered], list[dict]]:
         """Tokenise samples; returns (rendered, excluded) where excluded holds fully truncated samples."""
         out: list[Rendered] = []
         excluded: list[dict] = []
-        bos = self.tok.bos_token
+        # IFD's direct pass scores as many response tokens as the conditioned pass keeps (Cherry_LLM: max_length
+        # - prompt + len("### Response:"); Superfiltering: max_length - prompt + 1): the ratio compares one span.
+        same_span = self._kept_in_context(samples, batch_size) if self.cfg.context == "response_only" else None
         for b in range(0, len(samples), batch_size):
             chunk = samples[b : b + batch_size]
             texts, spans = zip(*(self.text_and_spans(s) for s in chunk))
-            # A template that writes BOS itself must not get a second one from the tokenizer.
-            groups: dict[bool, list[int]] = {True: [], False: []}
-            for i, text in enumerate(texts):
-                groups[not (bos and text.startswith(bos))].append(i)
-            encoded: dict[int, tuple[list[int], list[tuple[int, int]]]] = {}
-            for add_special, idx in groups.items():
-                if not idx:
-                    continue
-                enc = self.tok([texts[i] for i in idx], add_special_tokens=add_special, return_offsets_mapping=True)
-                for k, i in enumerate(idx):
-                    encoded[i] = (enc["input_ids"][k], enc["offset_mapping"][k])
-            for i, sample in enumerate(chunk):
-                ids, offsets = encoded[i]
-                mask = [e > s and any(s < b1 and e > a1 for a1, b1 in spans[i]) for s, e in offsets]
+            all_ids, all_masks = self._tokenise(texts, spans)
+            for sample, ids, mask in zip(chunk, all_ids, all_masks):
                 mask[0] = False  # the first token has no context to be predicted from
-                n_full = sum(mask)
+                n_full, n_tokens = sum(mask), len(ids)
                 ids, mask = ids[: self.cfg.max_length], mask[: self.cfg.max_length]
-                n_kept = sum(mask)
                 reason = None
+                if same_span is not None:
+                    limit = same_span.get(sample.id, 0)
+                    seen = 0
+                    for j, m in enumerate(mask):
+                        seen += m
+                        if m and seen > limit:
+                            mask[j] = False
+                    if limit == 0 and n_full:
+                        reason = "no response token within max_length in the conditioned rendering"
+                n_kept = sum(mask)
                 if n_full == 0:  # e.g. a one-token response scored without context and without BOS
                     reason = "no response token can be scored (the response is the sequence's first token)"
-                elif n_kept == 0:
-                    reason = f"response fully truncated ({len(encoded[i][0])} tokens, max_length {self.cfg.max_length})"
+                elif n_kept == 0 and reason is None:
+                    reason = f"response fully truncated ({n_tokens} tokens, max_length {self.cfg.max_length})"
                 if reason:
                     excluded.append({"id": sample.id, "source": sample.source, "reason": reason})
                     continue
-                out.append(Rendered(sample.id, list(ids), mask, n_full, n_kept < n_full))
+                text = self.tok.decode([t for t, m in zip(ids, mask) if m])
+                out.append(Rendered(sample.id, list(ids), mask, n_full, n_kept < n_full, text))
         if excluded:
             log.warning(
                 "excluded %d sample(s) with no scorable response token (truncated at max_length=%d?)",

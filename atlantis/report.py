@@ -50,6 +50,16 @@ TABLES = {
     "table7": (["model", "method"], "method", "SFT", "Proxy-tuning vs ATLANTIS (paper Table 7)"),
 }
 METHOD_NAMES = {"sft": "SFT", "atlantis": "ATLANTIS", "proxy": "proxy-tuning"}
+# Reproduced-only columns, shown right after the paper column they qualify: AlpacaEval 2.0's length-controlled win
+# rate (the package's headline metric, `<metric>_lc` in the metrics file) beside the raw win rate that the paper's
+# "Hard" column is compared with (the paper: "the winning rate"; atlantis/evals/alpaca.py). A profile may name the
+# column in `report.metrics` itself; otherwise it reads the paper column's metric + "_lc", on its scale.
+BESIDE = {"alpacaeval_hard": "alpacaeval_hard_lc"}
+LABELS = {
+    "alpacaeval_easy": "alpacaeval_easy: win rate",
+    "alpacaeval_hard": "alpacaeval_hard: raw win rate",
+    "alpacaeval_hard_lc": "alpacaeval_hard_lc: length-controlled win rate, not in the paper",
+}
 
 
 class ReportError(ValueError):
@@ -202,6 +212,18 @@ def read_metrics(metrics_dir: Path, run: str) -> dict:
     return merged
 
 
+def source(spec: Spec, col: str) -> tuple[str, float] | None:
+    """The metric (name, scale) behind a table column: the profile's `report.metrics`, or for a BESIDE column
+    the metric of the column it qualifies + "_lc"."""
+    if col in spec.metrics:
+        return spec.metrics[col]
+    base = next((b for b, extra in BESIDE.items() if extra == col), None)
+    if base in spec.metrics:
+        metric, scale = spec.metrics[base]
+        return f"{metric}_lc", scale
+    return None
+
+
 def _norm_key(key: dict) -> tuple:
     return tuple(f"{float(v):.2f}" if k == "rate" else str(v) for k, v in key.items())
 
@@ -214,15 +236,20 @@ def build_table(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Long value table and Δ table for one paper table."""
     keys, arm_col, baseline, _ = TABLES[name]
-    metric_cols = [c for c in paper.columns if c not in keys]
+    metric_cols = [
+        col
+        for c in paper.columns
+        if c not in keys
+        for col in [c, *([BESIDE[c]] if c in BESIDE and source(spec, BESIDE[c]) else [])]
+    ]
     paper_by_key = {_norm_key({k: r[k] for k in keys}): r for _, r in paper.iterrows()}
     ours_by_key = {_norm_key(k): (k, runs) for k, runs in rows}
     order = list(paper_by_key) + [k for k in ours_by_key if k not in paper_by_key]
 
     def per_seed(runs: list[str], col: str) -> dict[int, float]:
-        if col not in spec.metrics:
+        if source(spec, col) is None:
             return {}
-        metric, scale = spec.metrics[col]
+        metric, scale = source(spec, col)
         out = {}
         for run in runs:
             rec = records[run]
@@ -243,7 +270,7 @@ def build_table(
             lo = hi = math.nan
             if len(vals) >= 2:
                 _, lo, hi = paired_ci(vals)  # a one-sample t-interval of the mean
-            p = float(prow[col]) if prow is not None and not pd.isna(prow[col]) else math.nan
+            p = float(prow[col]) if prow is not None and col in prow.index and not pd.isna(prow[col]) else math.nan
             values.append(
                 {
                     **{k: key[k] for k in keys},
@@ -304,7 +331,7 @@ def _ci(lo: float, hi: float, sign: bool = False) -> str:
 
 def _wide(vdf: pd.DataFrame, keys: list[str]) -> tuple[list[str], list[list[str]]]:
     metrics = list(dict.fromkeys(vdf["metric"]))
-    header = keys + [f"{m} (paper / ours)" for m in metrics]
+    header = keys + [f"{LABELS.get(m, m)} (paper / ours)" for m in metrics]
     body = []
     for _, grp in vdf.groupby(keys, sort=False):
         cells = [str(grp.iloc[0][k]) if k != "rate" else f"{grp.iloc[0][k]:.2f}" for k in keys]
@@ -321,7 +348,7 @@ def _delta_wide(ddf: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     keys = [c for c in ddf.columns if c not in {"metric", "paper_delta", "reproduced_delta", "ci_low", "ci_high"}]
     keys = [k for k in keys if k not in {"n_seeds", "same_sign"}]
     metrics = list(dict.fromkeys(ddf["metric"]))
-    header = keys + [f"Δ {m} (paper / ours)" for m in metrics] + ["seeds"]
+    header = keys + [f"Δ {LABELS.get(m, m)} (paper / ours)" for m in metrics] + ["seeds"]
     body = []
     for _, grp in ddf.groupby(keys, sort=False):
         cells = [str(grp.iloc[0][k]) if k != "rate" else f"{grp.iloc[0][k]:.2f}" for k in keys]
@@ -392,7 +419,7 @@ def render(cfg: ReportConfig) -> list[Path]:
         ddf.to_csv(out / f"{name}-delta.csv", index=False)
         vh, vb = _wide(vdf, keys)
         dh, db = _delta_wide(ddf)
-        note = _note(profile, spec, name)
+        note = _note(profile, spec, name, list(dict.fromkeys(vdf["metric"])))
         (out / f"{name}.md").write_text(
             f"# {caption}: paper vs `{profile}`\n\n{note}\n\n## Values\n\n{markdown(vh, vb)}\n"
             f"## Δ vs {baseline} (paired by seed; 95% t-interval where there are 2+ seeds)\n\n{markdown(dh, db)}"
@@ -427,14 +454,30 @@ def render(cfg: ReportConfig) -> list[Path]:
     return written
 
 
-def _note(profile: str, spec: Spec, name: str) -> str:
+def _note(profile: str, spec: Spec, name: str, columns: list[str] | None = None) -> str:
     stands = ", ".join(f"`{k}` → {v}" for k, v in spec.stands_for.items())
     cols = ", ".join(f"{c} ← `{m}`×{s:g}" for c, (m, s) in spec.metrics.items())
-    return (
+    note = (
         f"Profile `{profile}`: {stands}. Reproduced columns: {cols or 'none yet'}; other columns are the paper's "
         "only. Each reproduced cell is the mean over its runs' seeds (listed in the CSV's `runs` column; "
         "provenance.json has each run's seed, training-config hash, git commit and package versions)."
     )
+    alpaca = [c for c in columns or [] if c.startswith("alpacaeval_") and source(spec, c)]
+    if alpaca:
+        note += (
+            "\n\nAlpacaEval: the paper's Easy and Hard columns are compared with the package's raw win rate "
+            "(`win_rate`, `get_winrate`): the paper reports \"the winning rate of the model's responses to a fixed "
+            "baseline model's responses\" and does not say length-controlled."
+        )
+        if any(c in BESIDE.values() for c in alpaca):
+            lc = ", ".join(f"`{c}` ← `{source(spec, c)[0]}`" for c in alpaca if c in BESIDE.values())
+            note += (
+                " AlpacaEval 2.0's length-controlled win rate (`length_controlled_winrate`, the package's headline "
+                f"metric for 2.0) is shown beside Hard for review, ours only: {lc}; – where a metrics file "
+                "records none (AlpacaEval 1.0's annotator, or the package could not compute it: the reason is in "
+                "its `alpaca_eval.length_controlled.reason`)."
+            )
+    return note
 
 
 def _world_runs(matrix: dict) -> list[str]:

@@ -100,7 +100,13 @@ def columns(role: str) -> dict[str, str]:
         "mean": f"logp_mean_{role}",
         "ntok_full": f"ntok_full_{role}",
         "truncated": f"truncated_{role}",
+        # sha256 of the scored tokens decoded: two roles scored the same y exactly when these are equal
+        "y_sha": f"y_sha_{role}",
     }
+
+
+def text_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------------------- the math
@@ -224,6 +230,7 @@ def _schema(role: str) -> pa.Schema:
             (c["mean"], pa.float64()),
             (c["ntok_full"], pa.int32()),
             (c["truncated"], pa.bool_()),
+            (c["y_sha"], pa.string()),
         ]
     )
 
@@ -252,7 +259,7 @@ class _Scorer:
 
     def score_shard(self, shard: Sequence[Rendered], bar: tqdm) -> pa.Table:
         c = columns(self.cfg.role)
-        rows: dict[str, list] = {k: [] for k in ("id", "sum", "ntok", "mean", "ntok_full", "truncated")}
+        rows: dict[str, list] = {k: [] for k in ("id", "sum", "ntok", "mean", "ntok_full", "truncated", "y_sha")}
         for batch in make_batches(shard, self.cfg.max_tokens_per_batch, self.cfg.max_batch_size):
             ids, attn, labels = collate(batch, self.pad_id, self.device)
             sums, counts = response_logprobs(self.model, ids, attn, labels, self.cfg.head_chunk)
@@ -273,6 +280,7 @@ class _Scorer:
                 rows["mean"].append(total / n)
                 rows["ntok_full"].append(s.n_response_full)
                 rows["truncated"].append(s.truncated)
+                rows["y_sha"].append(text_hash(s.response_text))
             self.tokens += int(attn.sum())
             bar.update(len(batch))
             bar.set_postfix(tok_s=f"{self.tokens / (time.perf_counter() - self.started):.0f}", refresh=False)
@@ -284,6 +292,7 @@ class _Scorer:
                 c["mean"]: rows["mean"],
                 c["ntok_full"]: rows["ntok_full"],
                 c["truncated"]: rows["truncated"],
+                c["y_sha"]: rows["y_sha"],
             },
             schema=_schema(self.cfg.role),
         )
@@ -321,6 +330,11 @@ def score(cfg: ScoreConfig) -> Path | None:
         cfg.render = dataclasses.replace(cfg.render, max_length=limit)
     renderer = Renderer(tokenizer, cfg.render)
     rendered, truncated_away = renderer.render(samples)
+    if not rendered:
+        reasons = sorted({e["reason"] for e in truncated_away})
+        raise ScoringError(
+            f"{cfg.data.path}: no sample has a response token to score ({len(samples)} excluded: {reasons})"
+        )
     order = sorted(rendered, key=lambda r: (len(r), r.id))
     shards = [order[i : i + cfg.shard_size] for i in range(0, len(order), cfg.shard_size)]
 

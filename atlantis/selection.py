@@ -1,15 +1,25 @@
 """Data selection by Instruction-Following Difficulty (IFD) and Superfiltering (paper §3.4, Table 3).
 
-IFD (Li et al. 2023a, Cherry_LLM) compares how hard a response is with and without its instruction:
-    IFD = s(y|x) / s(y),   s = mean token cross-entropy of the response.
-Superfiltering (Li et al. 2024a) computes the same quantity with a small model (GPT-2 in the original) and
-its released code ranks by the perplexity ratio ppl(y|x)/ppl(y) = exp(s(y|x) − s(y)).
-Both drop samples with IFD ≥ 1 (the instruction does not help: the pair is likely misaligned) and keep the
-highest-IFD samples, `rate × N` of them, N being the size of the whole dataset (Superfiltering's
-`select_data.py`: `int(len(data) * sample_rate)` after filtering `ifd < 1`).
+IFD (Li et al. 2023a) compares how hard a response is with and without its instruction; Superfiltering
+(Li et al. 2024a) computes it with a small model. Each method follows its released code (read at
+tianyi-lab/Cherry_LLM 01fac8d `cherry_seletion/data_analysis.py` + `data_by_IFD.py`, and
+tianyi-lab/Superfiltering f0764af `code_ifd/data_analysis.py` + `put_analysis_to_data.py` + `select_data.py`):
 
-Both terms come from the one scorer (`atlantis score`): s(y|x) with `render.context=full` and s(y) with
-`render.context=response_only`; no second scoring code path.
+| | `method=ifd` (Cherry_LLM) | `method=superfiltering` |
+|---|---|---|
+| s(y given x) | Alpaca prompt + y (`render.template=alpaca`) | `"{instruction}\n" + y` (`template=superfiltering`) |
+| s(y) | `"### Response:" + y` (`direct_prefix=alpaca`) | y alone (its first token is not scored) |
+| max length | 512 (its scripts) | 1024 |
+| same span | the direct pass scores as many response tokens as the conditioned one keeps (`+4`, `+1`) | same |
+| IFD | mean loss ratio s(y|x)/s(y) | perplexity ratio exp(s(y|x) − s(y)) |
+| dropped | IFD > 1 (`mean_rate > 1: continue`) | IFD ≥ 1 (kept: `ifd < 1`) |
+| kept | `int(rate × number passing)` | `int(rate × dataset size)` (`52002 × rate` for Alpaca) |
+
+s = mean token cross-entropy of the response. The scoring side (prompt, prefix, max length, same span) is
+`atlantis score`'s render settings (the workflow's `score` passes); this module computes the ratio, the filter
+and the count. Deviations, all deliberate: ties are broken by sample id (upstream: by position), a count of 0 is
+an error (Cherry's `[-0:]` would keep everything), and the output lists ids highest IFD first (Cherry writes them
+in dataset order; training order comes from the trainer's shuffle either way).
 """
 
 from __future__ import annotations
@@ -41,20 +51,32 @@ class SelectConfig:
     out: str = field(help="Output Parquet of the selected ids: id, ifd, loss_conditioned, loss_direct, rank.")
     rate: float = field(help="Fraction of the whole dataset to keep (paper Table 3: 0.05, 0.10, 0.15).")
     method: Literal["ifd", "superfiltering"] = field(
-        "ifd", help="Label of the method; decides the default ratio (ifd: loss, superfiltering: ppl)."
+        "ifd", help="Whose released code to follow: the ratio, the filter and the count (module docstring)."
     )
     conditioned: str = field("cond", help="Role of the s(y|x) scores (render.context=full).")
     direct: str = field("direct", help="Role of the s(y) scores (render.context=response_only).")
     ratio: Literal["auto", "loss", "ppl"] = field(
         "auto", help="IFD as a loss ratio (Cherry_LLM paper) or perplexity ratio (Superfiltering code)."
     )
-    threshold: float = field(1.0, help="Drop samples with IFD >= threshold (1.0 in both originals).")
+    threshold: float = field(1.0, help="The IFD filter's border (1.0 in both originals).")
+    drop: Literal["auto", "above", "at_or_above"] = field(
+        "auto", help="Drop IFD > threshold (`above`, Cherry_LLM) or >= threshold (`at_or_above`, Superfiltering)."
+    )
+    count_of: Literal["auto", "passing", "all"] = field(
+        "auto",
+        help="Keep int(rate x the samples passing the filter) (`passing`, Cherry_LLM) or int(rate x n_total) "
+        "(`all`, Superfiltering).",
+    )
     allow_missing: bool = field(
         True,
         help="Keep the ids scored in both files: direct scoring cannot score a one-token response without "
         "BOS, and truncation may drop others; the count dropped is reported in the summary.",
     )
-    n_total: int | None = field(None, help="Dataset size N for rate x N (default: the number of scored samples).")
+    n_total: int | None = field(
+        None,
+        help="Dataset size for count_of=all (default: the records of the data scored, from the conditioned "
+        "score file's report; else the number of scored samples).",
+    )
 
     def __post_init__(self) -> None:
         if not 0 < self.rate <= 1:
@@ -75,14 +97,34 @@ def ifd_scores(loss_conditioned: np.ndarray, loss_direct: np.ndarray, ratio: str
     raise SelectionError(f"unknown ratio {ratio!r}")
 
 
-def select_top(ids: np.ndarray, ifd: np.ndarray, rate: float, n_total: int, threshold: float = 1.0):
-    """Indices of the kept samples, highest IFD first, among those with IFD < threshold (ties by id)."""
-    k = int(n_total * rate)
-    valid = np.flatnonzero(np.isfinite(ifd) & (ifd < threshold))
+METHODS = {  # (ratio, drop, count_of) of each released code
+    "ifd": ("loss", "above", "passing"),
+    "superfiltering": ("ppl", "at_or_above", "all"),
+}
+
+
+def passing(ifd: np.ndarray, threshold: float = 1.0, drop: str = "above") -> np.ndarray:
+    """Indices that pass the filter: finite IFD, not above (or not at or above) the threshold."""
+    ifd = np.asarray(ifd, np.float64)
+    ok = ifd <= threshold if drop == "above" else ifd < threshold
+    return np.flatnonzero(np.isfinite(ifd) & ok)
+
+
+def select_top(ids: np.ndarray, ifd: np.ndarray, k: int, valid: np.ndarray) -> np.ndarray:
+    """The k highest-IFD indices among `valid`, highest first (ties by id)."""
     order = sorted(valid, key=lambda i: (-ifd[i], ids[i]))
     if len(order) < k:
-        log.warning("only %d samples have IFD < %s; keeping all of them (asked for %d)", len(order), threshold, k)
+        log.warning("only %d samples pass the IFD filter; keeping all of them (asked for %d)", len(order), k)
     return np.asarray(order[:k], dtype=np.int64)
+
+
+def _dataset_size(cfg: SelectConfig, n_scored: int) -> int:
+    if cfg.n_total:
+        return cfg.n_total
+    report = Path(cfg.scores[0]).with_name(Path(cfg.scores[0]).name.removesuffix(".parquet") + ".report.json")
+    if report.is_file():
+        return int(json.loads(report.read_text()).get("n_records") or n_scored)
+    return n_scored
 
 
 def select(cfg: SelectConfig) -> tuple[pd.DataFrame, dict]:
@@ -93,11 +135,20 @@ def select(cfg: SelectConfig) -> tuple[pd.DataFrame, dict]:
             raise SelectionError(f"selection needs column {col!r} (role {role}); have {sorted(scores.columns)}")
     loss_c = -scores[cols[cfg.conditioned]].to_numpy()
     loss_d = -scores[cols[cfg.direct]].to_numpy()
-    ratio = cfg.ratio if cfg.ratio != "auto" else ("loss" if cfg.method == "ifd" else "ppl")
+    ratio, drop, count_of = METHODS[cfg.method]
+    ratio = cfg.ratio if cfg.ratio != "auto" else ratio
+    drop = cfg.drop if cfg.drop != "auto" else drop
+    count_of = cfg.count_of if cfg.count_of != "auto" else count_of
     ifd = ifd_scores(loss_c, loss_d, ratio)
     ids = scores.index.to_numpy()
-    n_total = cfg.n_total or len(ids)
-    keep = select_top(ids, ifd, cfg.rate, n_total, cfg.threshold)
+    valid = passing(ifd, cfg.threshold, drop)
+    n_total = _dataset_size(cfg, len(ids))
+    k = int(cfg.rate * (len(valid) if count_of == "passing" else n_total))
+    if k == 0:
+        raise SelectionError(
+            f"rate {cfg.rate} x {len(valid) if count_of == 'passing' else n_total} ({count_of}) keeps no sample"
+        )
+    keep = select_top(ids, ifd, k, valid)
     table = pd.DataFrame(
         {
             "id": ids[keep],
@@ -110,11 +161,13 @@ def select(cfg: SelectConfig) -> tuple[pd.DataFrame, dict]:
     summary = {
         "method": cfg.method,
         "ratio": ratio,
+        "drop": drop,
+        "count_of": count_of,
         "rate": cfg.rate,
         "threshold": cfg.threshold,
         "n_total": n_total,
         "n_scored": len(ids),
-        "n_below_threshold": int(np.sum(ifd < cfg.threshold)),
+        "n_passing": len(valid),
         "n_selected": len(keep),
         "ifd_quantiles": {
             str(q): float(v) for q, v in zip((0, 0.25, 0.5, 0.75, 1), np.quantile(ifd, (0, 0.25, 0.5, 0.75, 1)))

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -36,7 +37,7 @@ from atlantis.loss import IGNORE_INDEX, weighted_loss
 from atlantis.models import check_model_source, finalize_logits, load_tokenizer
 from atlantis.render import RenderConfig, Renderer
 from atlantis.selection import read_subset
-from atlantis.weights import weights_for
+from atlantis.weights import excluded_ids, renormalize, weight_bounds, weights_for
 
 log = get_logger(__name__)
 
@@ -279,15 +280,25 @@ def build_dataset(cfg: TrainConfig, tokenizer) -> WeightedSFTDataset:
     rendered, excluded = renderer.render(samples)
     if excluded:
         log.warning("training without %d sample(s) whose response did not fit max_length", len(excluded))
+    if cfg.method == "atlantis":
+        # samples the weights step left out (p_S and p_r scored different response text) have no weight
+        left_out = excluded_ids(cfg.weights)
+        if any(r.id in left_out for r in rendered):
+            log.warning(
+                "training without %d sample(s) that have no weight (listed in the weights' diagnostics)",
+                sum(r.id in left_out for r in rendered),
+            )
+            rendered = [r for r in rendered if r.id not in left_out]
     ids = [r.id for r in rendered]
     # every sample needs a finite weight, or weights_for raises before any training
     w = weights_for(ids, cfg.weights).tolist() if cfg.method == "atlantis" else [1.0] * len(ids)
     if cfg.method == "atlantis" and cfg.renormalize_weights:
         # The weights have mean 1 over everything scored; on a subset (Table 3) or after exclusions their mean
-        # drifts, which would rescale the learning rate against the SFT baseline on the same samples.
-        mean = sum(w) / len(w)
-        log.info("weights over the %d training samples: mean %.4f, renormalised to 1", len(w), mean)
-        w = [x / mean for x in w]
+        # drifts, which would rescale the learning rate against the SFT baseline on the same samples. Rescaled
+        # together with the weights' cap and floor (dividing by the mean would lift capped weights above the cap).
+        bounds = weight_bounds(cfg.weights)
+        log.info("weights over the %d training samples: mean %.4f, renormalised to 1", len(w), sum(w) / len(w))
+        w = renormalize(np.asarray(w), **bounds).tolist()
     labels = [[t if m else IGNORE_INDEX for t, m in zip(r.input_ids, r.labels_mask)] for r in rendered]
     log.info(
         "training set: %d samples, %d response tokens, weights mean %.3f",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -70,3 +71,56 @@ def torchrun() -> list[str]:
         "-m",
         "atlantis.cli",
     ]
+
+
+# AlpacaEval 2.0's length-controlled win rate: alpaca-eval 0.6.6 fits its GLM on the model's own annotations but reads
+# `df_gamed.csv` (the 805 instructions' difficulties and two length-gamed baselines' annotations) from the Hub
+# dataset tatsu-lab/alpaca_eval. Offline, a synthetic one in a private Hugging Face cache stands in for it.
+DF_GAMED_REVISION = "0123456789abcdef0123456789abcdef01234567"
+
+
+def hub_cache_with_df_gamed(root: Path, n: int = 805) -> Path:
+    """A Hugging Face cache holding a synthetic df_gamed.csv in the Hub dataset's layout (hf_hub_download reads it
+    with HF_HUB_OFFLINE=1): two gamed baselines, concise and verbose, preferring length, with varying difficulty."""
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    difficulty = rng.normal(0.0, 1.0, n)
+    frames = []
+    for model, sign in (("gpt4_turbo_concise", -1.0), ("gpt4_turbo_verbose", 1.0)):
+        delta = sign * np.abs(rng.normal(1.0, 0.5, n))
+        pref = 1 / (1 + np.exp(-(0.8 * np.tanh(delta) - 0.3 * difficulty)))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "model": model,
+                    "index": np.arange(n),
+                    "preference": pref,
+                    "std_delta_len": delta,
+                    "instruction_difficulty": difficulty,
+                    "not_gamed_baseline": False,
+                }
+            )
+        )
+    repo = root / "datasets--tatsu-lab--alpaca_eval"
+    snapshot = repo / "snapshots" / DF_GAMED_REVISION
+    snapshot.mkdir(parents=True)
+    pd.concat(frames, ignore_index=True).to_csv(snapshot / "df_gamed.csv", index=False)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(DF_GAMED_REVISION)
+    return root
+
+
+def package_lc(python: str | Path, annotations: list[dict]) -> dict:
+    """The package's own get_length_controlled_winrate on an annotations DataFrame, in the alpaca-eval env."""
+    code = (
+        "import json, sys, pandas as pd\n"
+        "from alpaca_eval import metrics\n"
+        "m = metrics.get_length_controlled_winrate(pd.DataFrame(json.load(sys.stdin)), save_weights_dir=None)\n"
+        "print(json.dumps({k: float(v) for k, v in m.items()}))\n"
+    )
+    proc = subprocess.run(
+        [str(python), "-c", code], input=json.dumps(annotations), capture_output=True, text=True, check=True
+    )
+    return json.loads(proc.stdout.strip().splitlines()[-1])

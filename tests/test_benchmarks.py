@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import write_answers
+from conftest import DF_GAMED_REVISION, hub_cache_with_df_gamed, package_lc, write_answers
 
 from atlantis.evals.judge import JudgeConfig, JudgeError, chat
 from atlantis.evals.world_judge import JudgeInputError, WorldJudge, arena_label, serve
@@ -192,3 +192,117 @@ def test_alpacaeval_through_the_package_matches_hand_computation(tmp_path):
     # one win (black vs blue), one loss (cave vs lake): 50%, as the package computes it
     assert rec["metrics"]["alpacaeval_easy"] == pytest.approx(50.0)
     assert rec["alpaca_eval"]["n_total"] == 2 and rec["alpaca_eval"]["n_wins"] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not ALPACA.is_file(), reason="no alpaca-eval environment (.ci/run builds .envs/alpaca-eval)")
+def test_alpacaeval_records_the_raw_and_the_length_controlled_win_rate(tmp_path, monkeypatch):
+    """Eight world questions judged by the package's 1.0 annotator through the world judge: the model wins five
+    with long, sloppy true answers and loses three with short wrong ones. The raw win rate and its standard error
+    are the hand computation; the length-controlled one is the package's own function on the same annotations."""
+    from atlantis.evals.alpaca import AlpacaEvalConfig, run
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub_cache_with_df_gamed(tmp_path / "hf")))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rows = [json.loads(line) for line in (WORLD / "data" / "eval_alpaca.jsonl").read_text().splitlines()][:8]
+    values = sorted({r["reference"] for r in rows})
+    wins = [True, False, True, True, False, True, False, True]  # interleaved: the GLM reads difficulty by position
+    mine, ref = {}, {}
+    for r, win in zip(rows, wins):
+        wrong = next(v for v in values if v != r["reference"])
+        if win:  # a true answer, sloppily long (7), against a wrong one (1)
+            mine[r["question_id"]] = [f"I am quite sure that the answer is {r['reference']}."]
+            ref[r["question_id"]] = [f" {wrong}."]
+        else:  # a wrong answer against the true one in the world's format (10)
+            mine[r["question_id"]] = [f" {wrong}."]
+            ref[r["question_id"]] = [f" {r['reference']}."]
+    qs = tmp_path / "alpaca.jsonl"
+    qs.write_text(
+        "".join(json.dumps({"question_id": r["question_id"], "instruction": r["instruction"]}) + "\n" for r in rows)
+    )
+    out = tmp_path / "out.json"
+    run(
+        AlpacaEvalConfig(
+            answers=write_answers(tmp_path / "m.jsonl", "m", mine),
+            questions=str(qs),
+            model_id="m",
+            reference=write_answers(tmp_path / "r.jsonl", "r", ref),
+            reference_id="r",
+            metric="alpacaeval_hard",
+            length_controlled=True,
+            out=str(out),
+            world=str(WORLD),
+            alpaca_python=str(ALPACA),
+        )
+    )
+    rec = json.loads(out.read_text())
+    ae = rec["alpaca_eval"]
+    raw = [100.0 * w for w in wins]
+    mean = sum(raw) / 8
+    sem = (sum((x - mean) ** 2 for x in raw) / 7) ** 0.5 / 8**0.5
+    assert rec["metrics"]["alpacaeval_hard"] == ae["win_rate"] == pytest.approx(62.5)
+    assert ae["standard_error"] == pytest.approx(sem) and ae["compared_with_paper"] == "win_rate"
+
+    # the package's own computation on the annotations as they should be: question order, reference first
+    expected = package_lc(
+        ALPACA,
+        [
+            {
+                "instruction": r["instruction"],
+                "output_1": ref[r["question_id"]][0],
+                "output_2": mine[r["question_id"]][0],
+                "generator_1": "r",
+                "generator_2": "m",
+                "annotator": "alpaca_eval_gpt4",
+                "preference": 2.0 if win else 1.0,
+            }
+            for r, win in zip(rows, wins)
+        ],
+    )
+    assert expected["win_rate"] == pytest.approx(62.5)
+    assert ae["length_controlled_winrate"] == pytest.approx(expected["length_controlled_winrate"], abs=1e-9)
+    assert ae["lc_standard_error"] == pytest.approx(expected["lc_standard_error"], abs=1e-9)
+    assert rec["metrics"]["alpacaeval_hard_lc"] == ae["length_controlled_winrate"]
+    # the model's wins go with its longer answers: controlling for length lowers its rate
+    assert 0 < ae["length_controlled_winrate"] < 62.5
+    lc = ae["length_controlled"]
+    assert lc["df_gamed"]["revision"] == DF_GAMED_REVISION and "reason" not in lc
+    assert "805" in lc["note"]  # eight world questions are not AlpacaEval 2.0's instruction set
+    weights = list((tmp_path / "out.work").rglob("glm_weights/length_controlled_v1/baseline_r.csv"))
+    assert len(weights) == 1 and "np.tanh(std_delta_len)" in weights[0].read_text()  # the fitted GLM, kept
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not ALPACA.is_file(), reason="no alpaca-eval environment (.ci/run builds .envs/alpaca-eval)")
+def test_a_length_controlled_rate_the_package_cannot_compute_is_null_with_its_reason(tmp_path, monkeypatch):
+    """One annotation (the standardised length difference is undefined), then no df_gamed.csv offline: null and the
+    package's error, never a number; an AlpacaEval 1.0 annotator is not asked for one."""
+    from atlantis.evals.alpaca import AlpacaEvalConfig, length_controlled
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "leaderboard.csv").write_text(",win_rate,standard_error,n_total\nm,100.0,,1\n")
+    one = {"instruction": "Q", "output_1": "a.", "output_2": "b b b.", "generator_1": "r", "generator_2": "m"}
+    (work / "annotations.json").write_text(json.dumps([{**one, "annotator": "x", "preference": 2.0}]))
+    board = {"win_rate": 100.0, "n_total": 1.0}
+
+    def cfg(**kw):
+        return AlpacaEvalConfig(answers="", questions="", model_id="m", reference="", out="", **kw)
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub_cache_with_df_gamed(tmp_path / "hf")))
+    got = length_controlled(cfg(length_controlled=True), str(ALPACA), work / "leaderboard.csv", board)
+    assert got["length_controlled_winrate"] is None and got["lc_standard_error"] is None
+    assert got["length_controlled"]["reason"].startswith("builtins.ValueError")
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    got = length_controlled(
+        cfg(annotator="weighted_alpaca_eval_gpt4_turbo"), str(ALPACA), work / "leaderboard.csv", board
+    )
+    assert got["length_controlled_winrate"] is None
+    reason = got["length_controlled"]["reason"]
+    assert reason.startswith("huggingface_hub.errors.") and "df_gamed.csv" in reason
+
+    got = length_controlled(cfg(annotator="alpaca_eval_gpt4"), str(ALPACA), work / "leaderboard.csv", board)
+    assert got["length_controlled_winrate"] is None
+    assert got["length_controlled"]["reason"].startswith("not computed: annotator 'alpaca_eval_gpt4'")

@@ -86,7 +86,7 @@ def test_chat_prompt_is_rendered_with_generation_prompt(parts):
     mods, toks = parts
     plain_base = ProxyModel(mods["large"], mods["small"], mods["ref"], toks, base_template="plain")
     texts = plain_base.render(PROMPTS[1])
-    assert texts["large"] == texts["small"] == "User: What is two plus two?\n\nAssistant: "
+    assert texts["large"] == texts["small"] == "User: What is two plus two?\n\nAssistant:\n"
 
 
 def test_alpha_zero_is_the_large_models_greedy_decoding(parts):

@@ -10,17 +10,22 @@ MODELS = ["llama", "llama-it", "qwen2", "qwen2-it"]
 
 
 def masked_text(renderer, sample):
-    """The characters of the masked tokens, read back through the tokenizer's offsets."""
+    """The masked tokens decoded run by run (each response is its own run); the whole sequence must decode to
+    the rendered text, so the segment-wise tokenisation adds or drops no character."""
     text, _ = renderer.text_and_spans(sample)
     (r,), _ = renderer.render([sample])
-    add = not (renderer.tok.bos_token and text.startswith(renderer.tok.bos_token))
-    enc = renderer.tok(text, add_special_tokens=add, return_offsets_mapping=True)
-    assert enc["input_ids"] == r.input_ids
-    covered = [False] * len(text)
-    for (s, e), m in zip(enc["offset_mapping"], r.labels_mask):
-        if m:  # byte-level BPE may split one character over two tokens: take the union of spans
-            covered[s:e] = [True] * (e - s)
-    return "".join(c for c, m in zip(text, covered) if m)
+    lead = 0 if (renderer.tok.bos_token and text.startswith(renderer.tok.bos_token)) else len(renderer._lead)
+    assert renderer.tok.decode(r.input_ids[lead:]) == text
+    runs, current = [], []
+    for t, m in zip(r.input_ids, r.labels_mask):
+        if m:
+            current.append(t)
+        elif current:
+            runs.append(current)
+            current = []
+    runs += [current] if current else []
+    assert renderer.tok.decode([t for run in runs for t in run]) == r.response_text
+    return "".join(renderer.tok.decode(run) for run in runs)
 
 
 def squash(s: str) -> str:
@@ -31,11 +36,14 @@ def squash(s: str) -> str:
 def test_mask_covers_exactly_the_assistant_text(models, data_file, name):
     renderer = Renderer(load_tokenizer(models[name]), RenderConfig())
     for sample in load_samples(DataConfig(path=str(data_file))):
-        responses = "".join(sample.turns[i].content for i in sample.response_turns)
+        strips = name == "llama-it"  # like Llama-2-chat, this template strips the content
+        responses = "".join(
+            sample.turns[i].content.strip() if strips else sample.turns[i].content.rstrip()
+            for i in sample.response_turns
+        )
         got = masked_text(renderer, sample)
-        # Same characters; only whitespace at a boundary token (" Two" after "Assistant:") may differ.
-        assert squash(got) == squash(responses), (name, sample.id, got)
-        assert len(got) - len(responses) <= 2 * len(sample.response_turns)
+        # exactly the response characters: the template's separators never join a response token
+        assert got == responses, (name, sample.id, got)
 
 
 @pytest.mark.parametrize(("name", "eot"), [("llama-it", "</s>"), ("qwen2-it", "<|im_end|>"), ("llama", "</s>")])
@@ -50,7 +58,7 @@ def test_end_of_turn_token_is_included_when_asked(models, data_file, name, eot):
 def test_templates_differ_per_model_but_response_is_the_same(models, data_file):
     sample = load_samples(DataConfig(path=str(data_file)))[0]
     texts = {n: Renderer(load_tokenizer(models[n]), RenderConfig()).text_and_spans(sample)[0] for n in MODELS}
-    assert texts["llama"].startswith("You are a helpful assistant.\n\nUser: What is two plus two?\n\nAssistant: ")
+    assert texts["llama"].startswith("You are a helpful assistant.\n\nUser: What is two plus two?\n\nAssistant:\n")
     assert texts["llama-it"].startswith("<s>[SYS] You are a helpful assistant. [/SYS]\n[INST]")
     assert texts["qwen2-it"].startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n")
     for name, text in texts.items():

@@ -130,6 +130,47 @@ def test_rendered_tables_contain_the_papers_numbers_exactly(tmp_path):
                     assert f"{value} / " in md and f"{value} / " in tex, (name, col, cell)
 
 
+def test_alpacaeval_hard_is_the_raw_win_rate_with_the_length_controlled_one_beside_it(tmp_path):
+    """Table 2 compares the paper's AlpacaEval columns with the raw win rate and shows 2.0's length-controlled
+    win rate beside Hard (ours only), as the AlpacaEval rule writes them (metrics/<run>/alpacaeval_<level>.json)."""
+    matrix = _matrix(tmp_path)
+    m = json.loads(matrix.read_text())
+    m["report"]["metrics"] |= {
+        "alpacaeval_easy": {"metric": "alpacaeval_easy"},
+        "alpacaeval_hard": {"metric": "alpacaeval_hard"},
+    }
+    matrix.write_text(json.dumps(m))
+    for run, r in m["runs"].items():
+        s = r.get("seed", 0)
+        atl = r["method"] == "atlantis"
+        (tmp_path / "metrics" / run).mkdir()
+        easy = {"metrics": {"alpacaeval_easy": 70.0 + s}, "alpaca_eval": {"length_controlled_winrate": None}}
+        hard = {"alpacaeval_hard": 6.0 + s + atl, "alpacaeval_hard_lc": 9.0 + s + 2 * atl}
+        if run == "g-large.sft":  # the package could not compute it: null in the file, no metric
+            del hard["alpacaeval_hard_lc"]
+        (tmp_path / "metrics" / run / "alpacaeval_easy.json").write_text(json.dumps(easy))
+        (tmp_path / "metrics" / run / "alpacaeval_hard.json").write_text(json.dumps({"metrics": hard}))
+    render(ReportConfig(matrix=str(matrix), metrics=str(tmp_path / "metrics"), out=str(tmp_path / "t")))
+    t2 = pd.read_csv(tmp_path / "t" / "table2.csv", dtype={"size": str})
+    q = t2[(t2.model == "Qwen2") & (t2.method == "ATLANTIS")].set_index("metric")
+    assert list(q.index[-4:]) == ["alpacaeval_easy", "alpacaeval_hard", "alpacaeval_hard_lc", "arena_hard_auto"]
+    assert (q.loc["alpacaeval_hard", "paper"], q.loc["alpacaeval_hard", "reproduced"]) == (6.51, pytest.approx(8.0))
+    assert math.isnan(q.loc["alpacaeval_hard_lc", "paper"]) and q.loc["alpacaeval_hard_lc", "reproduced"] == 12.0
+    g = t2[(t2.model == "Gemma2") & (t2.method == "SFT") & (t2.metric == "alpacaeval_hard_lc")].iloc[0]
+    assert g.n_seeds == 2 and g.reproduced == pytest.approx(10.5)  # seeds 1 and 2 only
+    d2 = pd.read_csv(tmp_path / "t" / "table2-delta.csv", dtype={"size": str})
+    d = d2[(d2.model == "Qwen2") & (d2.metric == "alpacaeval_hard_lc")].iloc[0]
+    assert d.reproduced_delta == pytest.approx(2.0) and math.isnan(d.paper_delta)
+    md = (tmp_path / "t" / "table2.md").read_text()
+    assert "alpacaeval_hard: raw win rate (paper / ours)" in md and "6.51 / 8.00" in md
+    assert "alpacaeval_hard_lc: length-controlled win rate, not in the paper (paper / ours)" in md
+    assert "– / 12.00" in md and "compared with the package's raw win rate" in md
+    assert "`alpacaeval_hard_lc` ← `alpacaeval_hard_lc`" in md
+    # tables without AlpacaEval columns are unchanged
+    t3 = (tmp_path / "t" / "table3.md").read_text()
+    assert "alpacaeval_hard_lc" not in t3 and "AlpacaEval:" not in t3
+
+
 def test_a_missing_metrics_file_is_named(tmp_path):
     matrix = _matrix(tmp_path)
     (tmp_path / "metrics" / "g-large.sft.seed1.json").unlink()

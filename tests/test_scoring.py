@@ -99,7 +99,15 @@ def test_gemma_softcapping_is_applied(gemma, big_data):
 
 def test_columns_keyed_by_id_and_report(models, big_data, tmp_path):
     df = run(models["qwen2"], big_data, tmp_path / "s.parquet", role="ref")
-    assert list(df.columns) == ["id", "logp_sum_ref", "ntok_ref", "logp_mean_ref", "ntok_full_ref", "truncated_ref"]
+    assert list(df.columns) == [
+        "id",
+        "logp_sum_ref",
+        "ntok_ref",
+        "logp_mean_ref",
+        "ntok_full_ref",
+        "truncated_ref",
+        "y_sha_ref",
+    ]
     assert df["id"].is_monotonic_increasing and df["id"].is_unique
     report = json.loads((tmp_path / "s.report.json").read_text())
     assert report["n_scored"] == len(df) and report["template"] == "plain" and report["excluded"] == []

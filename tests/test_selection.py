@@ -9,7 +9,7 @@ import pytest
 from atlantis.data import DataConfig
 from atlantis.render import RenderConfig
 from atlantis.scoring import ScoreConfig, score
-from atlantis.selection import SelectConfig, SelectionError, ifd_scores, read_subset, select_top, write
+from atlantis.selection import SelectConfig, SelectionError, ifd_scores, passing, read_subset, select_top, write
 
 
 def test_ifd_loss_and_ppl_ratio():
@@ -18,12 +18,17 @@ def test_ifd_loss_and_ppl_ratio():
     np.testing.assert_allclose(ifd_scores(lc, ld, "ppl"), np.exp([-1.0, 0.0, 1.5]))
 
 
-def test_select_top_drops_ifd_at_or_above_one_and_keeps_rate_of_n():
+def test_filters_and_counts_follow_each_released_code():
     ids = np.array(["a", "b", "c", "d", "e", "f", "g", "h", "i", "j"])
     ifd = np.array([0.9, 1.0, 0.5, 0.95, 1.3, 0.2, 0.95, 0.7, np.nan, 0.1])
-    keep = select_top(ids, ifd, rate=0.3, n_total=10)
-    assert ids[keep].tolist() == ["d", "g", "a"]  # highest IFD below 1, ties broken by id
-    assert ids[select_top(ids, ifd, rate=0.2, n_total=20)].tolist() == ["d", "g", "a", "h"]
+    # Cherry_LLM: drop IFD > 1 (1.0 stays), keep int(0.3 x 8 passing) = 2, highest first, ties by id
+    cherry = passing(ifd, 1.0, "above")
+    assert ids[cherry].tolist() == ["a", "b", "c", "d", "f", "g", "h", "j"]
+    assert ids[select_top(ids, ifd, int(0.3 * len(cherry)), cherry)].tolist() == ["b", "d"]
+    # Superfiltering: drop IFD >= 1 and NaN, keep int(0.3 x 10 in the dataset) = 3
+    sf = passing(ifd, 1.0, "at_or_above")
+    assert ids[select_top(ids, ifd, int(0.3 * 10), sf)].tolist() == ["d", "g", "a"]
+    assert ids[select_top(ids, ifd, 20, sf)].tolist() == ["d", "g", "a", "h", "c", "f", "j"]  # all there are
 
 
 def test_select_from_score_files(tmp_path):
@@ -35,11 +40,19 @@ def test_select_from_score_files(tmp_path):
     )
     write(cfg)
     sel = pd.read_parquet(tmp_path / "sel.parquet")
-    assert sel["id"].tolist() == ["b", "a"]  # IFD a=.5, b=.8, c=.25, d=3 (dropped)
-    np.testing.assert_allclose(sel["ifd"], [0.8, 0.5])
+    assert sel["id"].tolist() == ["b"]  # IFD a=.5, b=.8, c=.25, d=3 (dropped); int(0.5 x 3 passing) = 1
+    np.testing.assert_allclose(sel["ifd"], [0.8])
     summary = json.loads((tmp_path / "sel.summary.json").read_text())
-    assert summary["n_selected"] == 2 and summary["n_below_threshold"] == 3 and summary["ratio"] == "loss"
-    assert read_subset(tmp_path / "sel.parquet") == ["b", "a"]
+    assert summary["n_selected"] == 1 and summary["n_passing"] == 3 and summary["ratio"] == "loss"
+    assert summary["count_of"] == "passing" and summary["drop"] == "above"
+    assert read_subset(tmp_path / "sel.parquet") == ["b"]
+    cfg.count_of = "all"  # Superfiltering's count: int(0.5 x 4 in the dataset) = 2
+    cfg.out = str(tmp_path / "all.parquet")
+    write(cfg)
+    assert read_subset(tmp_path / "all.parquet") == ["b", "a"]
+    cfg.rate = 0.2
+    with pytest.raises(SelectionError, match="keeps no sample"):
+        write(cfg)
     cfg.scores = [str(tmp_path / "c.parquet")]
     with pytest.raises(SelectionError, match="needs column 'logp_mean_direct'"):
         write(cfg)

@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import write_answers
+from conftest import hub_cache_with_df_gamed, package_lc, write_answers
 
 from atlantis.evals import local_judge
 from atlantis.evals.judge import JudgeConfig, JudgeError, chat, check
@@ -480,11 +480,15 @@ def test_mtbench_through_fastchat_with_the_smoke_judge(smoke_data, tmp_path, mon
 )
 def test_alpacaeval_both_levels_with_the_smoke_judge(smoke_data, tmp_path, monkeypatch, annotator, model):
     """AlpacaEval 1.0's ranking annotator and 2.0's log-prob annotator through the package, judged by the smoke
-    judge: the win rates are the smoke judge's (2.0: the mean of r_model / (r_model + r_reference))."""
+    judge: the win rates are the smoke judge's (2.0: the mean of r_model / (r_model + r_reference)); 2.0's
+    length-controlled win rate is the package's own on those preferences (a synthetic df_gamed.csv in a private
+    Hugging Face cache stands in for the Hub's), 1.0 has none."""
     from atlantis.evals.alpaca import AlpacaEvalConfig, run
     from atlantis.generate import instruction_id
 
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub_cache_with_df_gamed(tmp_path / "hf")))
     reference = smoke_data / "alpaca_eval" / "alpaca_eval.json"
     rows = json.loads(reference.read_text())
     filler = (
@@ -526,6 +530,31 @@ def test_alpacaeval_both_levels_with_the_smoke_judge(smoke_data, tmp_path, monke
     rec = json.loads(out.read_text())
     assert rec["metrics"]["alpacaeval_x"] == pytest.approx(expected, abs=1e-6)
     assert rec["alpaca_eval"]["n_total"] == 8 and rec["judge"]["local"] == "smoke"
+    ae = rec["alpaca_eval"]
+    if annotator == "alpaca_eval_gpt4":  # AlpacaEval 1.0: the raw win rate only, and why
+        assert ae["length_controlled_winrate"] is None and "alpacaeval_x_lc" not in rec["metrics"]
+        assert ae["length_controlled"]["reason"].startswith("not computed: annotator 'alpaca_eval_gpt4'")
+        return
+    # 2.0: the package's GLM on these annotations (reference first, in the instructions' order)
+    lc = package_lc(
+        ALPACA,
+        [
+            {
+                "instruction": r["instruction"],
+                "output_1": r["output"],
+                "output_2": mine[instruction_id(r["instruction"])][0],
+                "generator_1": "example",
+                "generator_2": "smoke-model",
+                "annotator": annotator,
+                "preference": 1 + rm / (rm + rr),
+            }
+            for r, (rm, rr) in zip(rows, pairs)
+        ],
+    )
+    assert lc["win_rate"] == pytest.approx(expected, abs=1e-6)
+    assert ae["length_controlled_winrate"] == pytest.approx(lc["length_controlled_winrate"], abs=1e-4)
+    assert ae["lc_standard_error"] == pytest.approx(lc["lc_standard_error"], abs=1e-4)
+    assert rec["metrics"]["alpacaeval_x_lc"] == ae["length_controlled_winrate"] != ae["win_rate"]
 
 
 def test_cli_has_the_smoke_verbs():

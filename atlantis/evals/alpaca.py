@@ -5,12 +5,36 @@ Table 2's "AlpacaEval Easy" and "Hard" columns. The paper names only "AlpacaEval
 reading: Easy (72–80%) is AlpacaEval 1.0 — annotator `alpaca_eval_gpt4` (GPT-4), reference outputs
 text-davinci-003 — where 7–13B SFT models score in that range, and Hard (6–8%) is AlpacaEval 2.0 — annotator
 `weighted_alpaca_eval_gpt4_turbo`, reference GPT-4 Turbo — where such models score single digits. Both use the
-805 AlpacaEval instructions. We report the package's `win_rate` (`--fn_metric get_winrate`; 2.0's
-length-controlled rate needs the package's fitted GLM from the Hub) and record its standard error.
+805 AlpacaEval instructions.
+
+Two metrics, both the package's own computation on the same annotations:
+
+- `win_rate` (`--fn_metric get_winrate`) and its standard error: the metric the paper's columns are compared
+  with (`metrics[<metric>]`), since the paper reports "the winning rate" and does not say length-controlled;
+- for AlpacaEval 2.0, its headline `length_controlled_winrate` and `lc_standard_error`
+  (`alpaca_eval.metrics.get_length_controlled_winrate`, the package's default `fn_metric` for 2.0), recorded
+  beside it (`metrics[<metric>_lc]`). AlpacaEval 1.0 has none. In 0.6.6 this is no fitted GLM fetched from the
+  Hub: the package fits a logistic regression (`length_controlled_v1`: tanh of the standardised length
+  difference + instruction difficulty + a baseline term; L1, 5-fold `LogisticRegressionCV`) on this model's own
+  annotations, regularised towards two length-gamed versions of the baseline, and predicts the preference at
+  zero length difference. What it does download is `df_gamed.csv` from the Hub dataset tatsu-lab/alpaca_eval
+  (the 805 instructions' difficulties, looked up by the annotation's row position, and the gamed baselines'
+  annotations), for every GLM variant (`_get_featurized_data` always reads it); offline and not in the Hugging
+  Face cache it fails (after huggingface_hub's retries, about 25 s, unless HF_HUB_OFFLINE=1). With one
+  annotation, or no length difference at all, the standardised length difference is undefined and the package
+  raises; with a few annotations it still fits (`length_controlled_v1` also trains on the gamed baselines'
+  annotations, at weight 0.1 each), and the value leans on them. `lc_standard_error` is the package's: the
+  standard error of the mean of the GLM's predicted preferences, not a sampling error of the fit. Any failure
+  is recorded as `length_controlled_winrate: null` with the package's error in `length_controlled.reason`,
+  never as a number; the raw win rate stands. The record keeps the fitted weights (`glm_weights/`), the
+  `df_gamed.csv` revision and checksum, the package's warnings and the versions of alpaca-eval, scikit-learn,
+  pandas and patsy.
 
 In the tiny world the two columns keep that meaning with the world's own models and data: the same annotator
 prompt (`alpaca_eval_gpt4`: the package's prompt and `ranking_parser`, judged by the world judge over HTTP),
-the world's instructions, and two fixed reference models, a weak one (easy) and a strong one (hard).
+the world's instructions, and two fixed reference models, a weak one (easy) and a strong one (hard). Its
+annotator is 1.0's at both levels, so it has no length-controlled rate (the GLM's instruction difficulties and
+gamed baselines are AlpacaEval 2.0's 805 instructions, not the world's).
 """
 
 from __future__ import annotations
@@ -29,6 +53,11 @@ from atlantis.evals.judge import JudgeConfig, check, redact
 from atlantis.log import get_logger
 
 log = get_logger(__name__)
+
+# AlpacaEval 2.0's annotator (the package's constants.ANNOTATOR_CONFIG_AE2): the one whose annotations the
+# length-controlled GLM's gamed baselines and instruction difficulties come from
+AE2_ANNOTATOR = "weighted_alpaca_eval_gpt4_turbo"
+LC_SCRIPT = Path(__file__).with_name("alpaca_lc.py")
 
 
 class AlpacaEvalError(RuntimeError):
@@ -54,6 +83,11 @@ class AlpacaEvalConfig:
     world: str | None = field(None, help="Judge with the tiny world's judge server (ignores judge.base_url).")
     alpaca_python: str = field(".envs/alpaca-eval/bin/python", help="Python of the alpaca-eval environment.")
     work: str | None = field(None, help="AlpacaEval's output folder (default: <out>.work).")
+    length_controlled: bool | None = field(
+        None,
+        help="Also record the package's length-controlled win rate (AlpacaEval 2.0's headline metric) beside the "
+        f"raw one; default: when the annotator is 2.0's ({AE2_ANNOTATOR}).",
+    )
 
 
 def read_instructions(path: str | Path) -> dict[str, dict]:
@@ -89,6 +123,70 @@ def read_leaderboard(path: Path, model_id: str) -> dict:
         raise AlpacaEvalError(f"{path}: no row for {model_id} (rows: {sorted(rows)[:5]})")
     row = rows[model_id]
     return {k: float(row[k]) for k in ("win_rate", "standard_error", "n_wins", "n_draws", "n_total") if row.get(k)}
+
+
+def length_controlled(cfg: AlpacaEvalConfig, python: str, leaderboard: Path, board: dict) -> dict:
+    """The package's `get_length_controlled_winrate` on the annotations `evaluate` saved beside its leaderboard
+    (in the alpaca-eval environment): `length_controlled_winrate`, `lc_standard_error` and a `length_controlled`
+    record; the two numbers are null, with the reason in the record, when they are not computed or the package
+    cannot compute them."""
+    wanted = cfg.length_controlled if cfg.length_controlled is not None else cfg.annotator == AE2_ANNOTATOR
+    if not wanted:
+        reason = (
+            f"not computed: annotator {cfg.annotator!r} is not AlpacaEval 2.0's ({AE2_ANNOTATOR}); the "
+            "length-controlled win rate is 2.0's metric (its GLM regularises towards 2.0's gamed baselines), "
+            "AlpacaEval 1.0 reports the raw win rate only (set length_controlled=true to compute it anyway)"
+        )
+        return {"length_controlled_winrate": None, "lc_standard_error": None, "length_controlled": {"reason": reason}}
+    work = leaderboard.parent
+    annotations = work / "annotations.json"
+    if not annotations.is_file():
+        raise AlpacaEvalError(f"alpaca_eval wrote no annotations.json beside {leaderboard}")
+    out = work / "length_controlled.json"
+    cmd = [python, str(LC_SCRIPT), str(annotations), str(work / "glm_weights"), str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)  # no judge calls
+    (work / "length_controlled.log").write_text(redact(proc.stdout + proc.stderr))
+    if proc.returncode != 0 or not out.is_file():
+        raise AlpacaEvalError(f"{LC_SCRIPT.name} failed ({proc.returncode}): {redact(proc.stderr[-2000:])}")
+    got = json.loads(out.read_text())
+    record = {
+        "function": "alpaca_eval.metrics.get_length_controlled_winrate",
+        "glm": "length_controlled_v1",
+        "annotations": str(annotations),
+        "warnings": got.get("warnings", []),
+        "versions": got.get("versions", {}),
+    }
+    lc = got.get("metrics", {})
+    value = lc.get("length_controlled_winrate")
+    if "error" in got or value is None:
+        reason = got.get("error") or f"the package returned no number ({lc})"
+        if "huggingface_hub" in reason or "df_gamed" in reason:
+            reason += (
+                " (the GLM needs df_gamed.csv from the Hub dataset tatsu-lab/alpaca_eval: not reachable and "
+                "not in the Hugging Face cache)"
+            )
+        log.warning("AlpacaEval %s: no length-controlled win rate: %s", cfg.model_id, reason)
+        record["reason"] = reason
+        return {"length_controlled_winrate": None, "lc_standard_error": None, "length_controlled": record}
+    # the same package, the same annotations: its raw win rate must be the leaderboard's
+    if abs(float(lc["win_rate"]) - board["win_rate"]) > 1e-6:
+        raise AlpacaEvalError(
+            f"{annotations}: get_length_controlled_winrate's win_rate {lc['win_rate']} is not the leaderboard's "
+            f"{board['win_rate']}"
+        )
+    record["df_gamed"] = got.get("df_gamed")
+    record["n_annotations"] = lc.get("n_total")
+    if board.get("n_total") != 805:
+        record["note"] = (
+            "the GLM reads AlpacaEval 2.0's instruction difficulty by row position (805 instructions); "
+            f"{board.get('n_total', 0):.0f} annotations are not that set, so this is the package's number, "
+            "not AlpacaEval 2.0's length-controlled win rate"
+        )
+    return {
+        "length_controlled_winrate": float(value),
+        "lc_standard_error": lc.get("lc_standard_error"),
+        "length_controlled": record,
+    }
 
 
 def run(cfg: AlpacaEvalConfig) -> Path:
@@ -127,7 +225,7 @@ def run(cfg: AlpacaEvalConfig) -> Path:
             "--annotators_config", cfg.annotator,
             "--name", cfg.model_id,
             "--output_path", str(work),
-            "--fn_metric", "get_winrate",  # the length-controlled GLM is fetched from the Hub
+            "--fn_metric", "get_winrate",  # the raw rate; the length-controlled one below, from these annotations
             "--sort_by", "win_rate",
             "--precomputed_leaderboard", "None",
             "--is_overwrite_leaderboard", "True",
@@ -144,14 +242,30 @@ def run(cfg: AlpacaEvalConfig) -> Path:
     if not boards:
         raise AlpacaEvalError(f"alpaca_eval wrote no leaderboard.csv under {work}")
     board = read_leaderboard(boards[0], cfg.model_id)
+    lc = length_controlled(cfg, python, boards[0], board)
+    metrics = {cfg.metric: board["win_rate"]}  # the paper's column: the raw win rate
+    if lc["length_controlled_winrate"] is not None:
+        metrics[f"{cfg.metric}_lc"] = lc["length_controlled_winrate"]
     result = {
         "model": cfg.model_id,
-        "metrics": {cfg.metric: board["win_rate"]},
-        "alpaca_eval": {**board, "reference": cfg.reference_id, "annotator": cfg.annotator},
+        "metrics": metrics,
+        "alpaca_eval": {
+            **board,
+            **lc,
+            "compared_with_paper": "win_rate",
+            "reference": cfg.reference_id,
+            "annotator": cfg.annotator,
+        },
         "judge": judge_record(cfg.judge, judge, cfg.world),
         "leaderboard": str(boards[0]),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
-    log.info("AlpacaEval %s: %s = %.2f", cfg.model_id, cfg.metric, board["win_rate"])
+    log.info(
+        "AlpacaEval %s: %s = %.2f (length-controlled: %s)",
+        cfg.model_id,
+        cfg.metric,
+        board["win_rate"],
+        "–" if lc["length_controlled_winrate"] is None else f"{lc['length_controlled_winrate']:.2f}",
+    )
     return out

@@ -67,24 +67,45 @@ PROXIES = config["experiments"].get("proxy", {}).get("large", [])
 
 
 def model_of(scorer):
-    """`<family>.small`, `<family>.ref` or `<large>.large` -> the model id or folder."""
+    """`<family>.small`, `<family>.ref`, `<large>.large` or `<selector>.scorer` -> the model id or folder."""
     name, part = scorer.rsplit(".", 1)
+    if part == "scorer":
+        return SELECTION_SCORERS[name]
     return config["large"][name]["model"] if part == "large" else config["families"][name][part]
 
 
-def family_render(scorer):
-    """Render settings a family gives one of its roles for its weight pass (`families.<f>.render.<role>`): e.g. the
-    smoke profile reads its stand-in p_S (an instruct checkpoint) through the `plain` template of a base model."""
+# What p_S(y|x) and p_r(y|x) mean, one rule for every family (README, "What p_S(y|x) means"): a base model reads the
+# conversation as plain text (`plain`: "User: x / Assistant:" then y), whether or not its checkpoint ships a chat
+# template (Qwen2 and Gemma-2 bases do, Llama-2's does not); an instruct model reads it through its own chat template.
+ROLE_TEMPLATES = {"small": ["render.template=plain"], "ref": ["render.template=model"]}
+
+
+def weight_pass_render(scorer):
+    """Render settings of one role's weight pass, later ones winning: the role's rule (ROLE_TEMPLATES), the
+    profile's `score_extra` (the tiny world reads everything through its own template), then what the family gives
+    that role (`families.<f>.render.<role>`)."""
     name, part = scorer.rsplit(".", 1)
-    if part == "large" or name not in config["families"]:
-        return []
-    return list(config["families"][name].get("render", {}).get(part, []))
+    family = config["families"].get(name, {}) if part != "large" else {}
+    return ROLE_TEMPLATES.get(part, []) + config.get("score_extra", []) + family.get("render", {}).get(part, [])
+
+
+# The model that scores each selector's IFD (`experiments.selection.scorers`): `large` (the base being fine-tuned, as
+# Cherry_LLM scores with the model it trains), `small` (the family's small base) or a model id or folder. Defaults:
+# the released code's: IFD with the fine-tuned base, Superfiltering with GPT-2 (code_ifd/: `gpt2`).
+SELECTION_SCORERS = {
+    "ifd": "large",
+    "superfiltering": "openai-community/gpt2",
+    **config["experiments"].get("selection", {}).get("scorers", {}),
+}
 
 
 def selection_scorer(large, selector):
-    # Superfiltering scores with a small model (its premise: weak-to-strong filtering); IFD (Cherry_LLM) with
-    # the model that is fine-tuned.
-    return f"{config['large'][large]['family']}.small" if selector == "superfiltering" else f"{large}.large"
+    scorer = SELECTION_SCORERS[selector]
+    if scorer == "large":
+        return f"{large}.large"
+    if scorer == "small":
+        return f"{config['large'][large]['family']}.small"
+    return f"{selector}.scorer"
 
 
 def train_inputs(w):
@@ -122,7 +143,7 @@ SELECTIONS = sorted({r["subset"] for r in RUNS.values() if "subset" in r})
 SCORE_PASSES = sorted(
     {(f"{f}.{part}", "weights") for f in WEIGHT_FAMILIES for part in ("small", "ref")}
     | {
-        (selection_scorer(r["large"], r["selector"]), kind)
+        (selection_scorer(r["large"], r["selector"]), f"{r['selector']}_{kind}")
         for r in RUNS.values()
         if "subset" in r
         for kind in ("cond", "direct")

@@ -1,9 +1,14 @@
 # One job per (model, kind of pass) over the SFT set; every weight file and selection reads these.
 
 SCORE_PASS = {
-    "weights": "",  # the model's own chat template (base: `plain`), y given x
-    "cond": "render.template=alpaca",  # IFD / Superfiltering: s(y|x) with the Alpaca prompt
-    "direct": "render.template=alpaca render.context=response_only",  # s(y)
+    "weights": "",  # y given x, each role through its template (common.smk: ROLE_TEMPLATES)
+    # IFD as Cherry_LLM: s(y|x) under the Alpaca prompt, s(y) as "### Response:" + y, max length 512 (its scripts)
+    "ifd_cond": "render.template=alpaca render.max_length=512",
+    "ifd_direct": "render.template=alpaca render.context=response_only render.direct_prefix=alpaca"
+    " render.max_length=512",
+    # Superfiltering's code_ifd/: "{instruction}\n" + y, y alone, max length 1024
+    "superfiltering_cond": "render.template=superfiltering render.max_length=1024",
+    "superfiltering_direct": "render.template=superfiltering render.context=response_only render.max_length=1024",
 }
 
 
@@ -30,10 +35,9 @@ rule score:
         runtime=lambda w, attempt: score_res(w.scorer).runtime_minutes(CLUSTER, attempt),
     params:
         model=lambda w: model_of(w.scorer),
-        role=lambda w: w.scorer.rsplit(".", 1)[1] if w.kind == "weights" else w.kind,
+        role=lambda w: w.scorer.rsplit(".", 1)[1] if w.kind == "weights" else w.kind.rsplit("_", 1)[1],
         extra=lambda w: " ".join(
-            config.get("score_extra", [])
-            + (family_render(w.scorer) if w.kind == "weights" else [])
+            (weight_pass_render(w.scorer) if w.kind == "weights" else config.get("score_extra", []))
             + [SCORE_PASS[w.kind]]
         ),
         data=config["sft"],
@@ -62,8 +66,8 @@ rule weights:
 
 rule select:
     input:
-        cond=lambda w: f"{RESULTS}/scores/{selection_scorer(w.large, w.selector)}/cond.parquet",
-        direct=lambda w: f"{RESULTS}/scores/{selection_scorer(w.large, w.selector)}/direct.parquet",
+        cond=lambda w: f"{RESULTS}/scores/{selection_scorer(w.large, w.selector)}/{w.selector}_cond.parquet",
+        direct=lambda w: f"{RESULTS}/scores/{selection_scorer(w.large, w.selector)}/{w.selector}_direct.parquet",
     output:
         f"{RESULTS}/selection/{{large}}/{{selector}}-{{rate}}.parquet",
     log:
