@@ -420,6 +420,8 @@ def render(cfg: ReportConfig) -> list[Path]:
         vh, vb = _wide(vdf, keys)
         dh, db = _delta_wide(ddf)
         note = _note(profile, spec, name, list(dict.fromkeys(vdf["metric"])))
+        if name == "table3":
+            note += "\n\n" + selection_note(matrix["config"])
         (out / f"{name}.md").write_text(
             f"# {caption}: paper vs `{profile}`\n\n{note}\n\n## Values\n\n{markdown(vh, vb)}\n"
             f"## Δ vs {baseline} (paired by seed; 95% t-interval where there are 2+ seeds)\n\n{markdown(dh, db)}"
@@ -452,6 +454,26 @@ def render(cfg: ReportConfig) -> list[Path]:
     written.append(out / "provenance.json")
     log.info("wrote %d tables to %s", len(TABLES), out)
     return written
+
+
+# The released code's scorers (workflow/rules/common.smk SELECTION_SCORERS: the same defaults)
+DEFAULT_SCORERS = {"ifd": "large", "superfiltering": "openai-community/gpt2"}
+
+
+def selection_note(config: dict) -> str:
+    """Which model scored each selector's IFD in this profile (Table 3's rows depend on it)."""
+    sel = config.get("experiments", {}).get("selection", {})
+    scorers = {**DEFAULT_SCORERS, **sel.get("scorers", {})}
+    said = {"large": "the base being fine-tuned", "small": "the family's small base"}
+    parts = [
+        f"{'IFD' if k == 'ifd' else 'Superfiltering'} ← {said.get(v, f'`{v}`')}"
+        for k, v in scorers.items()
+        if k in sel.get("selectors", [])
+    ]
+    return (
+        f"Selection scorers: {'; '.join(parts)}. The released code scores IFD with the model being trained "
+        "(Cherry_LLM) and Superfiltering with GPT-2 (code_ifd/); the ATLANTIS paper does not say which it used."
+    )
 
 
 def _note(profile: str, spec: Spec, name: str, columns: list[str] | None = None) -> str:

@@ -169,6 +169,8 @@ def test_alpacaeval_hard_is_the_raw_win_rate_with_the_length_controlled_one_besi
     # tables without AlpacaEval columns are unchanged
     t3 = (tmp_path / "t" / "table3.md").read_text()
     assert "alpacaeval_hard_lc" not in t3 and "AlpacaEval:" not in t3
+    # Table 3 says who scored each selector's IFD (the released defaults unless the profile says otherwise)
+    assert "Selection scorers: IFD ← the base being fine-tuned." in t3  # the selectors of this matrix: ifd
 
 
 def test_a_missing_metrics_file_is_named(tmp_path):

@@ -1,8 +1,9 @@
 """The smoke profile: the paper profile's rules, run for real on converted SmolLM2-135M-Instruct and Gemma-3-270M.
 
 The run itself (`test_smoke_profile_runs_every_paper_rule`, ~15 min on 2 cores) goes through `-c2`, or through the
-SLURM profile with `ATLANTIS_SMOKE_SLURM=1` and an idle SLURM node: under a one-node SLURM every job takes the whole
-node, so the run is serial and takes ~40 min (too long for CI with the rest of the suite).
+SLURM profile with `ATLANTIS_SMOKE_SLURM=1` and an idle SLURM node (CI starts the one-node cluster of
+workflow/slurm/local-cluster.sh and sets it): each job is an sbatch job with the resources the rules compute, the
+smoke profile's 1-thread jobs two at a time on the 2-core node, training (2 CPUs) alone.
 """
 
 from __future__ import annotations
