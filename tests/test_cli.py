@@ -49,8 +49,12 @@ def test_readme_example_runs(tmp_path):
         )
         assert proc.returncode == 0, (line, proc.stderr[-2000:])
     weights = pd.read_parquet(tmp_path / "demo/weights/influence.parquet")
-    assert len(weights) == 6 and abs(weights["weight"].mean() - 1) < 1e-9
+    assert abs(weights["weight"].mean() - 1) < 1e-9
     diag = json.loads((tmp_path / "demo/weights/influence.diagnostics.json").read_text())
+    # the demo's chat template strips responses (as Llama-2-chat's does): the two whose text opens with whitespace
+    # are scored as another string than under `plain`, so they get no weight and are named
+    assert len(weights) == 4 and diag["n_excluded"] == 2
+    assert all("different response text" in e["reason"] for e in diag["excluded"])
     assert 0 < diag["ess_over_n"] <= 1
     assert len(pd.read_parquet(tmp_path / "demo/selection/ifd-0.50.parquet")) <= 3
     for run, world in (("sft", 1), ("atlantis", 1), ("atlantis-zero3", 2)):

@@ -39,7 +39,9 @@ def test_paper_plan_has_the_papers_jobs():
     counts = _job_counts(text)
     assert {k: counts[k] for k in ("train", "score", "select", "weights")} == {
         "train": 36,
-        "score": 18,
+        # 10 weight passes (5 families x p_S, p_r); IFD with each of the 2 larges (cond, direct); Superfiltering
+        # with GPT-2, one pair shared by both larges
+        "score": 16,
         "select": 12,
         "weights": 5,
     }
@@ -61,7 +63,13 @@ def test_paper_plan_has_the_papers_jobs():
     answers = re.findall(r"rule answers:\n    input: (.*)", text)
     assert answers and all("results/paper/logs/judges.checked" in a for a in answers)
     scores = re.findall(r"atlantis score model=(\S+) role=\S+ data=\S+ out=\S+ ?(.*?) >", text)
-    assert len(scores) == 18 and len(set(scores)) == 18  # every scoring pass once
+    assert len(scores) == 16 and len(set(scores)) == 16  # every scoring pass once
+    # each role through its template: p_S plain, p_r its own; IFD and Superfiltering as released
+    assert ("Qwen/Qwen2-1.5B", "render.template=plain ") in scores
+    assert ("Qwen/Qwen2-1.5B-Instruct", "render.template=model ") in scores
+    assert ("openai-community/gpt2", "render.template=superfiltering render.max_length=1024") in scores
+    direct = "render.template=alpaca render.context=response_only render.direct_prefix=alpaca render.max_length=512"
+    assert ("Qwen/Qwen2-7B", direct) in scores
     trains = re.findall(r"atlantis train .*", text)
     assert sum("method=atlantis" in t for t in trains) == 3 + 12 + 2 + 2  # Tables 2, 3, 4, 5
     assert sum("subset=" in t for t in trains) == 24
@@ -298,7 +306,7 @@ def test_plan_reports_gpu_hours_and_judge_cost(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     text = (tmp_path / "results" / "paper" / "plan.md").read_text()
     rows = {m[1]: m.groups()[1:] for m in re.finditer(r"^\| (\w+) \| (\d+) \| ([\d, ]+) \| ([\d,.]+) \|", text, re.M)}
-    assert rows["train"][:2] == ("36", "16, 32, 64") and rows["score"][:2] == ("18", "8")
+    assert rows["train"][:2] == ("36", "16, 32, 64") and rows["score"][:2] == ("16", "8")
     assert rows["lmeval"][:2] == ("36", "1, 2, 4") and rows["answers"][0] == "49"
     # 13B-class training is bound by ZeRO-3's traffic, not FLOPs: 60K micro-batch passes per GPU, each gathering the
     # bf16 parameters twice and reduce-scattering the gradients (3 x 2 bytes x N x 15/16) at 20 GB/s across 2 nodes

@@ -74,7 +74,7 @@ def model_of(scorer):
     return config["large"][name]["model"] if part == "large" else config["families"][name][part]
 
 
-# What p_S(y|x) and p_r(y|x) mean, one rule for every family (README, "What p_S(y|x) means"): a base model reads the
+# What p_S(y|x) and p_r(y|x) mean, the same for every family (README, "What p_S(y|x) means"). A base model reads the
 # conversation as plain text (`plain`: "User: x / Assistant:" then y), whether or not its checkpoint ships a chat
 # template (Qwen2 and Gemma-2 bases do, Llama-2's does not); an instruct model reads it through its own chat template.
 ROLE_TEMPLATES = {"small": ["render.template=plain"], "ref": ["render.template=model"]}

@@ -2,11 +2,11 @@
 
 SCORE_PASS = {
     "weights": "",  # y given x, each role through its template (common.smk: ROLE_TEMPLATES)
-    # IFD as Cherry_LLM: s(y|x) under the Alpaca prompt, s(y) as "### Response:" + y, max length 512 (its scripts)
+    # IFD as Cherry_LLM: s(y|x) under the Alpaca prompt, s(y) as "### Response:" then y, max length 512 (its scripts)
     "ifd_cond": "render.template=alpaca render.max_length=512",
     "ifd_direct": "render.template=alpaca render.context=response_only render.direct_prefix=alpaca"
     " render.max_length=512",
-    # Superfiltering's code_ifd/: "{instruction}\n" + y, y alone, max length 1024
+    # Superfiltering's code_ifd/: "{instruction}\n" then y, and y alone, max length 1024
     "superfiltering_cond": "render.template=superfiltering render.max_length=1024",
     "superfiltering_direct": "render.template=superfiltering render.context=response_only render.max_length=1024",
 }
