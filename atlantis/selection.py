@@ -50,6 +50,7 @@ class SelectConfig:
     scores: list[str] = field(help="Score files holding the conditioned and the direct scores (by id).")
     out: str = field(help="Output Parquet of the selected ids: id, ifd, loss_conditioned, loss_direct, rank.")
     rate: float = field(help="Fraction of the whole dataset to keep (paper Table 3: 0.05, 0.10, 0.15).")
+    overwrite: bool = field(False, help="Replace an existing output file (never done silently).")
     method: Literal["ifd", "superfiltering"] = field(
         "ifd", help="Whose released code to follow: the ratio, the filter and the count (module docstring)."
     )
@@ -177,8 +178,10 @@ def select(cfg: SelectConfig) -> tuple[pd.DataFrame, dict]:
 
 
 def write(cfg: SelectConfig) -> Path:
-    table, summary = select(cfg)
     out = Path(cfg.out)
+    if out.exists() and not cfg.overwrite:
+        raise SelectionError(f"{out} exists; a selection is never overwritten silently (pass overwrite=true)")
+    table, summary = select(cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pandas(table, preserve_index=False), out)
     out.with_name(out.name.removesuffix(".parquet") + ".summary.json").write_text(json.dumps(summary, indent=1))

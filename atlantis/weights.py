@@ -61,6 +61,7 @@ class WeightsError(ValueError):
 class WeightsConfig:
     scores: list[str] = field(help="Score files (Parquet from `atlantis score`), joined by id.")
     out: str = field(help="Output Parquet: id, log_weight_raw, weight.")
+    overwrite: bool = field(False, help="Replace an existing output file (never done silently).")
     formula: Literal["influence", "algorithm1", "eq7"] = field(
         "influence", help="influence: p_r/p_S (§2.3); algorithm1: p_L·p_r/p_S (Alg. 1); eq7: p_L/p_S (Eq. 7)."
     )
@@ -463,8 +464,10 @@ def compute(cfg: WeightsConfig) -> tuple[pd.DataFrame, dict]:
 
 
 def write(cfg: WeightsConfig) -> Path:
-    table, diag = compute(cfg)
     out = Path(cfg.out)
+    if out.exists() and not cfg.overwrite:
+        raise WeightsError(f"{out} exists; weights are never overwritten silently (pass overwrite=true)")
+    table, diag = compute(cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pandas(table, preserve_index=False), out)
     diagnostics_path(out).write_text(json.dumps(diag, indent=1))

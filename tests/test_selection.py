@@ -50,6 +50,7 @@ def test_select_from_score_files(tmp_path):
     cfg.out = str(tmp_path / "all.parquet")
     write(cfg)
     assert read_subset(tmp_path / "all.parquet") == ["b", "a"]
+    cfg.out = str(tmp_path / "none.parquet")
     cfg.rate = 0.2
     with pytest.raises(SelectionError, match="keeps no sample"):
         write(cfg)
