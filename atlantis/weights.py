@@ -339,15 +339,42 @@ def diagnostics(w: np.ndarray, log_w_raw: np.ndarray) -> dict[str, object]:
 # -------------------------------------------------------------------------------------------- files
 
 
+LOGP_PREFIXES = ("logp_sum_", "logp_mean_")
+
+
+def _read_score_file(path: str) -> pd.DataFrame:
+    """One score file indexed by id; refuses what `atlantis score` never writes (no rows, a missing or duplicated
+    id, a non-finite log-prob), naming the file, the column and the first ids."""
+    if not Path(path).is_file():
+        raise WeightsError(f"score file {path} does not exist")
+    df = pq.read_table(path).to_pandas()
+    if "id" not in df.columns:
+        raise WeightsError(f"score file {path} has no 'id' column (columns: {sorted(df.columns)})")
+    if df.empty:
+        raise WeightsError(f"score file {path} has no rows")
+    dup = df["id"][df["id"].duplicated()].unique()
+    if len(dup):
+        raise WeightsError(
+            f"score file {path}: {len(dup)} id(s) appear more than once, e.g. {dup[:3].tolist()}; one row per "
+            "sample is expected (two score files concatenated?)"
+        )
+    for col in [c for c in df.columns if c.startswith(LOGP_PREFIXES)]:
+        bad = ~np.isfinite(df[col].to_numpy(dtype=np.float64, na_value=np.nan))
+        if bad.any():
+            raise WeightsError(
+                f"score file {path}: column {col} is NaN or infinite for {int(bad.sum())} sample(s), e.g. ids "
+                f"{df['id'][bad].head(3).tolist()}; `atlantis score` never writes such values: rescore them"
+            )
+    return df.set_index("id")
+
+
 def read_scores(paths: list[str], allow_missing: bool = False) -> pd.DataFrame:
-    """Join score files on id; differing id sets are an error unless `allow_missing`."""
-    frames = []
-    for p in paths:
-        if not Path(p).is_file():
-            raise WeightsError(f"score file {p} does not exist")
-        frames.append((p, pq.read_table(p).to_pandas().set_index("id")))
+    """Join score files on id; differing id sets are an error unless `allow_missing`, and no common id always is.
+
+    Every file is checked first (`_read_score_file`): duplicated ids or a NaN/inf log-prob stop the run."""
+    frames = [(p, _read_score_file(p)) for p in paths]
     joined = frames[0][1]
-    for p, df in frames[1:]:
+    for i, (p, df) in enumerate(frames[1:], start=1):
         overlap = sorted(set(joined.columns) & set(df.columns))
         if overlap:
             raise WeightsError(f"{p}: columns {overlap} appear in two score files (same role twice?)")
@@ -358,7 +385,14 @@ def read_scores(paths: list[str], allow_missing: bool = False) -> pd.DataFrame:
                 f"{len(only_b)} only in {p} (e.g. {list(only_b[:3])}); set allow_missing=true to keep the "
                 "ids common to all"
             )
-        joined = joined.join(df, how="inner")
+        common = joined.join(df, how="inner")
+        if common.empty:
+            raise WeightsError(
+                f"no id is common to the score files {[q for q, _ in frames[: i + 1]]}: e.g. "
+                f"{sorted(joined.index)[:3]} in the earlier files, {sorted(df.index)[:3]} in {p} (scores of "
+                "different data?)"
+            )
+        joined = common
     return joined.sort_index()
 
 

@@ -1,4 +1,6 @@
-"""Nothing stale, nothing lost: `atlantis weights` and `atlantis select` on outputs that exist."""
+"""Nothing stale, nothing lost: `atlantis weights` and `atlantis select` on outputs that exist and score files
+that `atlantis score` never writes (duplicated ids, NaN or infinite log-probs, no id in common). Each stops with
+one line naming the file (and column) and the first ids."""
 
 import logging
 import re
@@ -12,7 +14,7 @@ import pytest
 from atlantis.cli import main
 from atlantis.selection import SelectConfig, SelectionError
 from atlantis.selection import write as write_selection
-from atlantis.weights import WeightsConfig, WeightsError
+from atlantis.weights import WeightsConfig, WeightsError, read_scores
 from atlantis.weights import write as write_weights
 
 
@@ -89,3 +91,87 @@ def test_the_cli_refuses_in_one_line(weight_scores, tmp_path, caplog):
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == [f"WeightsError: {out} exists; weights are never overwritten silently (pass overwrite=true)"]
     assert main([*args, "overwrite=true"]) == 0
+
+
+# --------------------------------------------------------------------------------------- duplicated ids
+
+
+def test_a_duplicated_id_is_refused_naming_the_file_and_the_id(weight_scores, select_scores, tmp_path):
+    dup = score_file(tmp_path / "dup.parquet", "ref", ["a", "b", "c", "d", "c"], [-1.5, -1.2, -1.0, -0.5, -1.0])
+    message = rf"^score file {q(dup)}: 1 id\(s\) appear more than once, e.g. \['c'\]"
+    with pytest.raises(WeightsError, match=message):
+        write_weights(WeightsConfig(scores=[weight_scores[0], dup], out=str(tmp_path / "w.parquet")))
+    assert not (tmp_path / "w.parquet").exists()
+    cond = score_file(tmp_path / "dup_cond.parquet", "cond", ["a", "a", "b", "c", "d"], [-1.0, -1.0, -2.0, -0.5, -3.0])
+    with pytest.raises(WeightsError, match=rf"^score file {q(cond)}: 1 id\(s\) appear more than once, e.g. \['a'\]"):
+        write_selection(SelectConfig(scores=[cond, select_scores[1]], out=str(tmp_path / "s.parquet"), rate=0.5))
+
+
+# ------------------------------------------------------------------------------------------ NaN and inf
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("column", ["logp_mean_ref", "logp_sum_ref"])
+def test_a_non_finite_log_prob_is_refused_naming_the_file_column_and_id(weight_scores, tmp_path, bad, column):
+    table = pq.read_table(weight_scores[1]).to_pandas()
+    table.loc[table["id"] == "c", column] = bad
+    bad_file = tmp_path / "bad_ref.parquet"
+    pq.write_table(pa.Table.from_pandas(table, preserve_index=False), bad_file)
+    message = rf"^score file {q(bad_file)}: column {column} is NaN or infinite for 1 sample\(s\), e.g. ids \['c'\]"
+    with pytest.raises(WeightsError, match=message):
+        write_weights(WeightsConfig(scores=[weight_scores[0], str(bad_file)], out=str(tmp_path / "w.parquet")))
+    assert not (tmp_path / "w.parquet").exists()
+
+
+def test_a_null_log_prob_is_refused_too(tmp_path):
+    path = tmp_path / "null.parquet"
+    pq.write_table(
+        pa.table({"id": ["a", "b", "c"], "logp_mean_small": pa.array([-1.0, None, None], pa.float64())}), path
+    )
+    with pytest.raises(
+        WeightsError, match=rf"^score file {q(path)}: column logp_mean_small .* 2 sample\(s\), e.g. ids \['b', 'c'\]"
+    ):
+        read_scores([str(path)])
+
+
+@pytest.mark.parametrize("role", ["cond", "direct"])
+def test_selection_stops_on_a_nan_score_instead_of_dropping_the_sample(select_scores, tmp_path, role):
+    path = select_scores[0] if role == "cond" else select_scores[1]
+    table = pq.read_table(path).to_pandas()
+    table.loc[table["id"].isin(["b", "d"]), f"logp_mean_{role}"] = np.nan
+    pq.write_table(pa.Table.from_pandas(table, preserve_index=False), path)
+    message = (
+        rf"^score file {q(path)}: column logp_mean_{role} is NaN or infinite for 2 sample\(s\), e.g. ids \['b', 'd'\]"
+    )
+    with pytest.raises(WeightsError, match=message):
+        write_selection(SelectConfig(scores=select_scores, out=str(tmp_path / "sel.parquet"), rate=0.5))
+    assert not (tmp_path / "sel.parquet").exists()
+
+
+# ------------------------------------------------------------------------------------- no id in common
+
+
+def test_allow_missing_with_no_common_id_is_refused(tmp_path):
+    small = score_file(tmp_path / "small.parquet", "small", ["a", "b"], [-1.0, -2.0])
+    ref = score_file(tmp_path / "ref.parquet", "ref", ["x", "y", "z"], [-1.0, -2.0, -3.0])
+    message = (
+        rf"^no id is common to the score files \['{q(small)}', '{q(ref)}'\]: "
+        rf"e.g. \['a', 'b'\] in the earlier files, \['x', 'y', 'z'\] in {q(ref)} "
+    )
+    with pytest.raises(WeightsError, match=message):
+        write_weights(WeightsConfig(scores=[small, ref], out=str(tmp_path / "w.parquet"), allow_missing=True))
+    cond = score_file(tmp_path / "cond.parquet", "cond", ["a", "b"], [-1.0, -2.0])
+    direct = score_file(tmp_path / "direct.parquet", "direct", ["x", "y"], [-2.0, -2.5])
+    with pytest.raises(WeightsError, match=rf"^no id is common to the score files \['{q(cond)}', '{q(direct)}'\]"):
+        write_selection(SelectConfig(scores=[cond, direct], out=str(tmp_path / "s.parquet"), rate=0.5))  # allow_missing
+
+
+def test_a_score_file_without_ids_or_rows_is_refused(tmp_path):
+    no_id = tmp_path / "no_id.parquet"
+    pq.write_table(pa.table({"logp_mean_small": [-1.0]}), no_id)
+    with pytest.raises(WeightsError, match=rf"^score file {q(no_id)} has no 'id' column"):
+        read_scores([str(no_id)])
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"id": pa.array([], pa.string()), "logp_mean_small": pa.array([], pa.float64())}), empty)
+    with pytest.raises(WeightsError, match=rf"^score file {q(empty)} has no rows$"):
+        read_scores([str(empty)])
