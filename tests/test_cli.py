@@ -32,8 +32,8 @@ def readme_commands() -> list[str]:
 
 @pytest.mark.slow
 def test_readme_example_runs(tmp_path):
-    for line in readme_commands():
-        proc = subprocess.run(
+    def shell(line: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
             line,
             shell=True,
             cwd=tmp_path,
@@ -42,12 +42,22 @@ def test_readme_example_runs(tmp_path):
             timeout=300,
             env={
                 "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin",
+                "PYTHONPATH": str(ROOT),  # this checkout's atlantis, not whichever one is installed
                 "HF_HUB_OFFLINE": "1",
                 "HOME": str(tmp_path),
                 "OMP_NUM_THREADS": "1",
             },
         )
+
+    for line in readme_commands():
+        proc = shell(line)
         assert proc.returncode == 0, (line, proc.stderr[-2000:])
+    # run again, the weights and select commands refuse to replace their outputs; overwrite=true replaces them
+    for verb, what in (("weights", "weights are"), ("select", "a selection is")):
+        line = next(c for c in readme_commands() if c.startswith(f"atlantis {verb} "))
+        proc = shell(line)
+        assert proc.returncode == 1 and f"exists; {what} never overwritten silently" in proc.stderr, proc.stderr
+        assert shell(f"{line} overwrite=true").returncode == 0
     weights = pd.read_parquet(tmp_path / "demo/weights/influence.parquet")
     assert abs(weights["weight"].mean() - 1) < 1e-9
     diag = json.loads((tmp_path / "demo/weights/influence.diagnostics.json").read_text())
