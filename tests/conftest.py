@@ -17,6 +17,34 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from atlantis.testing import SAMPLES, build_tiny_model  # noqa: E402,F401
 
+# Areas a run must not skip (comma-separated in ATLANTIS_REQUIRE; .ci/run sets the ones it provides), by words of
+# the skip reasons: where CI is meant to test an area, a missing piece fails the run instead of skipping it.
+REQUIRED_AREAS = {
+    "envs": ("fschat environment", "alpaca-eval environment"),
+    "assets": ("pip install", "smoke data packages"),
+    "world": ("world is not built", "no shipped world"),
+    "slurm": ("SLURM",),
+}
+
+
+def required_area(reason: str) -> str | None:
+    wanted = {a.strip() for a in os.environ.get("ATLANTIS_REQUIRE", "").split(",") if a.strip()}
+    unknown = wanted - set(REQUIRED_AREAS)
+    if unknown:
+        raise pytest.UsageError(f"ATLANTIS_REQUIRE: unknown area(s) {sorted(unknown)}; known: {sorted(REQUIRED_AREAS)}")
+    return next((a for a in sorted(wanted) if any(w in reason for w in REQUIRED_AREAS[a])), None)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and isinstance(report.longrepr, tuple):
+        area = required_area(str(report.longrepr[2]))
+        if area:
+            report.outcome = "failed"
+            report.longrepr = f"skipped, but ATLANTIS_REQUIRE names {area!r}: {report.longrepr[2]}"
+
 
 def write_answers(path: Path, model_id: str, rows: dict) -> str:
     """FastChat-format answers {question_id: turns} of one model, as `atlantis generate` writes them."""
