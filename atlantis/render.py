@@ -199,6 +199,7 @@ class Renderer:
         self._newline = self._encode(["\n"])[0]
         behind = self._encode(["\na"])[0]
         self._dummy_prefix = behind[: len(self._newline)] == self._newline and behind[len(self._newline) :] != bare
+        self._sentinels: dict[str, list[int]] = {"\n": self._newline}
 
     # -- text ------------------------------------------------------------------------------------------
     def _apply(self, turns: Sequence[Turn]) -> str:
@@ -285,6 +286,17 @@ class Renderer:
         out.append((text[pos:], False))
         return [(seg, resp) for seg, resp in out if seg]
 
+    def _behind(self, segment: str, first: list[int]) -> list[int]:
+        """A segment's tokens as inside a text, for a dummy-prefix tokenizer: encoded behind a sentinel whose own
+        tokens are then dropped. `first` is the encoding behind a newline; where the newline merged with the
+        segment's start (a `\n\n` token), other sentinels are tried."""
+        for sentinel in ("\n", "a", "#", "0", "\t"):
+            lead = self._sentinels.setdefault(sentinel, self._encode([sentinel])[0])
+            toks = first if sentinel == "\n" else self._encode([sentinel + segment])[0]
+            if toks[: len(lead)] == lead:
+                return toks[len(lead) :]
+        raise DataError(f"cannot encode {segment[:40]!r} inside a text with this tokenizer (every sentinel merged)")
+
     def _tokenise(self, texts: Sequence[str], spans: Sequence[Sequence[tuple[int, int]]]):
         """Token ids and response mask of each text, encoded segment by segment (one batched call)."""
         bos = self.tok.bos_token
@@ -293,7 +305,7 @@ class Renderer:
             for k, (seg, resp) in enumerate(self._segments(text, sp)):
                 behind = self._dummy_prefix and k > 0
                 pieces.append("\n" + seg if behind else seg)
-                owner.append((i, resp, behind))
+                owner.append((i, resp, seg if behind else None))
         encoded = self._encode(pieces)
         ids: list[list[int]] = [[] for _ in texts]
         mask: list[list[bool]] = [[] for _ in texts]
@@ -302,10 +314,8 @@ class Renderer:
                 ids[i] += self._lead
                 mask[i] += [False] * len(self._lead)
         for (i, resp, behind), toks in zip(owner, encoded):
-            if behind:
-                if toks[: len(self._newline)] != self._newline:
-                    raise DataError(f"cannot encode a segment behind a newline with this tokenizer: {toks[:5]}")
-                toks = toks[len(self._newline) :]
+            if behind is not None:
+                toks = self._behind(behind, toks)
             ids[i] += toks
             mask[i] += [resp] * len(toks)
         return ids, mask

@@ -92,3 +92,52 @@ def test_scored_text_is_the_response_itself(tok, conversations):
         for i in s.response_turns:
             assert s.turns[i].content.rstrip() in text or not s.turns[i].content.strip()
         assert not text.startswith("\n") or s.turns[s.response_turns[0]].content.startswith("\n")
+
+
+def llama_legacy_like_tokenizer():
+    """A small BPE with Llama-2's legacy normaliser (a `▁` prefixed to every encoded string) and byte fallback:
+    the dummy-prefix behaviour of Llama-2's tokenizer, which cannot be installed offline."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    corpus = [
+        "The quick brown fox jumps over the lazy dog.",
+        "Hello there, how are you?",
+        "User: hi\n\nAssistant:\nok.",
+    ]
+    alphabet = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,?!:\n[]/<>▁")
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=alphabet)
+    tok.train_from_iterator(corpus * 50, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_a_dummy_prefix_tokenizer_scores_the_same_tokens():
+    """With a tokenizer that prefixes `▁` to every string it encodes, each segment after the first is encoded
+    behind a sentinel (a newline; another where the newline merges with the segment, as `\\n\\n` does here): the
+    response's tokens are the same under `plain` and Llama-2-chat, and the whole text decodes unchanged."""
+    tok = llama_legacy_like_tokenizer()
+    assert Renderer(tok, RenderConfig(template="plain"))._dummy_prefix
+    convo = [
+        Sample("a", (Turn("user", "What is two plus two?"), Turn("assistant", "Four, the quick fox."))),
+        Sample(
+            "b", (Turn("user", "Hi"), Turn("assistant", "Hello there."), Turn("user", "And?"), Turn("assistant", "Ok."))
+        ),
+    ]
+    base = rendered(tok, "plain", convo)
+    chat = rendered(tok, str(TEMPLATES / "llama-2-chat.jinja"), convo)
+    for s in convo:
+        assert (
+            base[s.id].response_text
+            == chat[s.id].response_text
+            == "".join(s.turns[i].content for i in s.response_turns)
+        )
+        assert scored_ids(base[s.id]) == scored_ids(chat[s.id])
+        assert "▁" not in tok.convert_ids_to_tokens(scored_ids(base[s.id])[:1])[0]  # no dummy space joined to y
