@@ -125,3 +125,19 @@ def test_smoke_profile_runs_every_paper_rule(tmp_path):
             assert "<|im_end|>" not in text
             early += len(tok(text, add_special_tokens=False)["input_ids"]) < limit - 2
     assert early >= 1  # at least one answer ended at <|im_end|> before max_new_tokens
+
+
+def test_lm_eval_jobs_wait_for_the_files_their_settings_name(tmp_path):
+    """The proxy's lm-eval job waits for no training: it must declare the TruthfulQA records `smoke_data` writes, or
+    it starts before they exist (it did, failing on its first attempt under SLURM and passing on the retry)."""
+    out = subprocess.run(
+        [*SNAKEMAKE, "-n", "--snakefile", str(ROOT / "Snakefile"), "--configfile", str(SMOKE)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    inputs = re.findall(r"rule (lmeval\w*):\n    input: (.*)", out.stdout)
+    assert {rule for rule, _ in inputs} == {"lmeval", "lmeval_proxy"}
+    assert all("results/smoke/data/truthfulqa/truthfulqa_mc.jsonl" in files for _, files in inputs)

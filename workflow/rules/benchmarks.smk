@@ -33,7 +33,7 @@ else:
     # the paper's models: one GPU job each (the leaderboard takes hours per model)
     rule lmeval:
         input:
-            unpack(model_input),
+            unpack(lmeval_input),
         output:
             f"{RESULTS}/metrics/{{model}}/lmeval.json",
         log:
@@ -54,7 +54,7 @@ else:
 
 rule lmeval_proxy:
     input:
-        lambda w: made_inputs(*proxy_triple(f"{w.large}.proxy")),
+        lambda w: made_inputs(*proxy_triple(f"{w.large}.proxy")) + lm_eval_inputs(),
     output:
         f"{RESULTS}/metrics/{{large}}.proxy/lmeval.json",
     log:

@@ -194,6 +194,16 @@ def made_inputs(*paths):
     return [p for p in paths if made_here(p)]
 
 
+def lm_eval_inputs():
+    """Files the lm-eval settings name that this workflow makes, such as the smoke profile's TruthfulQA records;
+    the lm-eval jobs wait for them (the proxy's job, which waits for no training, used to race `smoke_data`)."""
+    return made_inputs(*[x.split("=", 1)[1] for x in BENCH.get("lm_eval", []) if x.startswith("truthfulqa=")])
+
+
+def lmeval_input(w):
+    return {**model_input(w), "data": lm_eval_inputs()}
+
+
 def model_input(w):
     if w.model in RUNS:
         return {"model": f"{RESULTS}/runs/{w.model}/final"}
