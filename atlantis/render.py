@@ -322,9 +322,7 @@ class Renderer:
 
     def _kept_in_context(self, samples: Sequence[Sample], batch_size: int) -> dict[str, int]:
         """Response tokens the `full` rendering keeps under max_length, per id (0: none)."""
-        full = Renderer(self.tok, replace(self.cfg, context="full"))
-        full.template_name, full.template = self.template_name, self.template
-        rendered, _ = full.render(samples, batch_size)
+        rendered, _ = Renderer(self.tok, replace(self.cfg, context="full")).render(samples, batch_size)
         return {r.id: r.n_response for r in rendered}
 
     def render(self, samples: Sequence[Sample], batch_size: int = 512) -> tuple[list[Rendered], list[dict]]:

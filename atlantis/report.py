@@ -32,6 +32,7 @@ import pandas as pd
 from atlantis import provenance
 from atlantis.config import field
 from atlantis.log import get_logger
+from atlantis.selection import selection_scorers
 from atlantis.stats import paired_ci
 
 log = get_logger(__name__)
@@ -456,14 +457,10 @@ def render(cfg: ReportConfig) -> list[Path]:
     return written
 
 
-# The released code's scorers (workflow/rules/common.smk SELECTION_SCORERS: the same defaults)
-DEFAULT_SCORERS = {"ifd": "large", "superfiltering": "openai-community/gpt2"}
-
-
 def selection_note(config: dict) -> str:
     """Which model scored each selector's IFD in this profile (Table 3's rows depend on it)."""
     sel = config.get("experiments", {}).get("selection", {})
-    scorers = {**DEFAULT_SCORERS, **sel.get("scorers", {})}
+    scorers = selection_scorers(sel)
     said = {"large": "the base being fine-tuned", "small": "the family's small base"}
     parts = [
         f"{'IFD' if k == 'ifd' else 'Superfiltering'} ← {said.get(v, f'`{v}`')}"

@@ -98,6 +98,17 @@ def ifd_scores(loss_conditioned: np.ndarray, loss_direct: np.ndarray, ratio: str
     raise SelectionError(f"unknown ratio {ratio!r}")
 
 
+# Who scores each selector's IFD by default: the released code's choices (Cherry_LLM scores with the model it trains;
+# Superfiltering's code_ifd/ with `gpt2`). A profile's `experiments.selection.scorers` overrides them: `large` (the
+# base being fine-tuned), `small` (the family's small base) or a model id or folder.
+DEFAULT_SCORERS = {"ifd": "large", "superfiltering": "openai-community/gpt2"}
+
+
+def selection_scorers(selection: dict) -> dict[str, str]:
+    """The scorer of each selector under a profile's `experiments.selection` section."""
+    return {**DEFAULT_SCORERS, **selection.get("scorers", {})}
+
+
 METHODS = {  # (ratio, drop, count_of) of each released code
     "ifd": ("loss", "above", "passing"),
     "superfiltering": ("ppl", "at_or_above", "all"),
@@ -122,7 +133,9 @@ def select_top(ids: np.ndarray, ifd: np.ndarray, k: int, valid: np.ndarray) -> n
 def _dataset_size(cfg: SelectConfig, n_scored: int) -> int:
     if cfg.n_total:
         return cfg.n_total
-    report = Path(cfg.scores[0]).with_name(Path(cfg.scores[0]).name.removesuffix(".parquet") + ".report.json")
+    from atlantis.scoring import report_path  # here: scoring imports torch, which selecting does not need
+
+    report = report_path(Path(cfg.scores[0]))
     if report.is_file():
         return int(json.loads(report.read_text()).get("n_records") or n_scored)
     return n_scored

@@ -409,7 +409,7 @@ def same_response(scores: pd.DataFrame, roles: list[str]) -> list[dict]:
     differ = scores[cols].nunique(axis=1) > 1
     out = []
     for sid in scores.index[differ]:
-        trunc = [r for r in dict.fromkeys(roles) if scores.at[sid, f"truncated_{r}"]] if differ.any() else []
+        trunc = [r for r in dict.fromkeys(roles) if scores.at[sid, f"truncated_{r}"]]
         why = f"truncated under {trunc}" if trunc else "another string (e.g. a template that strips the response)"
         out.append({"id": str(sid), "reason": f"the models scored different response text: {why}"})
     return out

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import write_jsonl
 from transformers import AutoModelForCausalLM
 
 from atlantis.data import DataConfig
@@ -24,7 +25,6 @@ from atlantis.models import load_tokenizer
 from atlantis.render import RenderConfig
 from atlantis.scoring import ScoreConfig, score
 from atlantis.selection import SelectConfig, select
-from tests.conftest import write_jsonl
 
 PROMPT_NO_INPUT = (  # Cherry_LLM PROMPT_DICT["prompt_no_input"], verbatim
     "Below is an instruction that describes a task. "

@@ -28,7 +28,7 @@ PAPER_ONLY = {"fetch"}
 ALWAYS_BUILT = {"pip_env"}  # the benchmark environments: built once per checkout, whatever the profile
 
 
-def _rules_of(configfile: Path, cwd: Path) -> dict[str, int]:
+def _dry_run(configfile: Path, cwd: Path) -> str:
     out = subprocess.run(
         [*SNAKEMAKE, "-n", "--snakefile", str(ROOT / "Snakefile"), "--configfile", str(configfile)],
         cwd=cwd,
@@ -37,7 +37,12 @@ def _rules_of(configfile: Path, cwd: Path) -> dict[str, int]:
         timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    table = out.stdout[out.stdout.index("Job stats:") :]
+    return out.stdout
+
+
+def _rules_of(configfile: Path, cwd: Path) -> dict[str, int]:
+    stdout = _dry_run(configfile, cwd)
+    table = stdout[stdout.index("Job stats:") :]
     return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M) if m[1] not in ("total", "all")}
 
 
@@ -130,14 +135,6 @@ def test_smoke_profile_runs_every_paper_rule(tmp_path):
 def test_lm_eval_jobs_wait_for_the_files_their_settings_name(tmp_path):
     """The proxy's lm-eval job waits for no training: it must declare the TruthfulQA records `smoke_data` writes, or
     it starts before they exist (it did, failing on its first attempt under SLURM and passing on the retry)."""
-    out = subprocess.run(
-        [*SNAKEMAKE, "-n", "--snakefile", str(ROOT / "Snakefile"), "--configfile", str(SMOKE)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    inputs = re.findall(r"rule (lmeval\w*):\n    input: (.*)", out.stdout)
+    inputs = re.findall(r"rule (lmeval\w*):\n    input: (.*)", _dry_run(SMOKE, tmp_path))
     assert {rule for rule, _ in inputs} == {"lmeval", "lmeval_proxy"}
     assert all("results/smoke/data/truthfulqa/truthfulqa_mc.jsonl" in files for _, files in inputs)

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import write_jsonl
+from test_train import cfg_for
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 import atlantis.train as train_mod
@@ -24,7 +25,7 @@ from atlantis.data import DataConfig
 from atlantis.loss import IGNORE_INDEX
 from atlantis.models import load_tokenizer
 from atlantis.render import NAMED_TEMPLATES
-from atlantis.train import TrainConfig, build_dataset, train
+from atlantis.train import build_dataset, train
 
 N = 8
 WORDS = ["fox", "dog", "sea"]
@@ -54,27 +55,14 @@ def world(tmp_path_factory, models):
     ids = [f"s{i}" for i in range(N)]
     data = write_jsonl(root / "d.jsonl", [{"id": f"s{i}", "conversations": conversation(i)} for i in range(N)])
     pq.write_table(pa.table({"id": ids, "weight": [weight_of(i) for i in ids]}), root / "w.parquet")
-    return {"models": models, "data": str(data), "weights": str(root / "w.parquet"), "root": root}
-
-
-def cfg_for(world, out, **kw) -> TrainConfig:
-    base = dict(
-        model=world["models"]["llama"],
-        data=DataConfig(path=world["data"]),
-        out=str(out),
-        method="atlantis",
-        weights=world["weights"],
-        max_steps=1,
-        per_device_batch_size=8,
-        grad_accum=1,
-        learning_rate=1e-3,
-        logging_steps=1,
-        save_steps=1000,
-        max_grad_norm=1e9,
-        resume="none",
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+    # `model`: the default p_L of test_train's `cfg_for`
+    return {
+        "models": models,
+        "model": models["llama"],
+        "data": str(data),
+        "weights": str(root / "w.parquet"),
+        "root": root,
+    }
 
 
 # ------------------------------------------------------------------------------- 1. labels by hand

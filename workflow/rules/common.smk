@@ -8,6 +8,7 @@ import subprocess
 
 from atlantis.launch import srun_prefix
 from atlantis.plan import JudgeWork, PlannedJob
+from atlantis.selection import selection_scorers
 from atlantis.resources import (
     Cluster,
     ResourceError,
@@ -89,14 +90,9 @@ def weight_pass_render(scorer):
     return ROLE_TEMPLATES.get(part, []) + config.get("score_extra", []) + family.get("render", {}).get(part, [])
 
 
-# The model that scores each selector's IFD (`experiments.selection.scorers`): `large` (the base being fine-tuned, as
-# Cherry_LLM scores with the model it trains), `small` (the family's small base) or a model id or folder. Defaults:
-# the released code's: IFD with the fine-tuned base, Superfiltering with GPT-2 (code_ifd/: `gpt2`).
-SELECTION_SCORERS = {
-    "ifd": "large",
-    "superfiltering": "openai-community/gpt2",
-    **config["experiments"].get("selection", {}).get("scorers", {}),
-}
+# The model that scores each selector's IFD (`experiments.selection.scorers`, defaults: the released code's choices;
+# atlantis.selection.DEFAULT_SCORERS).
+SELECTION_SCORERS = selection_scorers(config["experiments"].get("selection", {}))
 
 
 def selection_scorer(large, selector):
