@@ -10,7 +10,8 @@ if WORLD:
     # the tiny world's 40 models in one process: lm-eval's imports and task index are paid once
     rule lmeval:
         input:
-            [f"{RESULTS}/runs/{run}/final" for run in RUNS],
+            models=[f"{RESULTS}/runs/{run}/final" for run in RUNS],
+            data=lm_eval_inputs(),
         output:
             [f"{RESULTS}/metrics/{run}/lmeval.json" for run in RUNS],
         log:
@@ -22,7 +23,7 @@ if WORLD:
             gpu=config["benchmarks"]["gpus"],
             runtime=config["benchmarks"]["hours"] * 60 * len(RUNS),
         params:
-            models=lambda w, input: ",".join(input),
+            models=lambda w, input: ",".join(input.models),
             out=lambda w, output: ",".join(output),
             extra=" ".join(config["benchmarks"]["lm_eval"]),
         shell:
@@ -54,7 +55,7 @@ else:
 
 rule lmeval_proxy:
     input:
-        lambda w: made_inputs(*proxy_triple(f"{w.large}.proxy")) + lm_eval_inputs(),
+        lambda w: local_inputs(*proxy_triple(f"{w.large}.proxy")) + lm_eval_inputs(),
     output:
         f"{RESULTS}/metrics/{{large}}.proxy/lmeval.json",
     log:
@@ -81,6 +82,8 @@ if WORLD:
             answers=[answers_file(m, "mtbench") for m in MTBENCH_MODELS],
             baseline=baseline_answers("mtbench", BENCH["mtbench"]["baseline"]),
             env=env_input("fschat"),
+            questions=QUESTION_SETS[BENCH["answer_files"]["mtbench"]],
+            world=world_inputs(),
         output:
             [f"{RESULTS}/metrics/{m}/mtbench.json" for m in MTBENCH_MODELS],
         log:
@@ -91,12 +94,11 @@ if WORLD:
             answers=lambda w, input: ",".join(input.answers),
             out=lambda w, output: ",".join(output),
             baseline=BENCH["mtbench"]["baseline"],
-            questions=QUESTION_SETS[BENCH["answer_files"]["mtbench"]],
             judge=judge_settings("mtbench"),
             python=env_python("fschat"),
         run:
             run_judged(
-                f"atlantis mtbench questions={params.questions} answers={params.answers} model_ids={params.ids}"
+                f"atlantis mtbench questions={input.questions} answers={params.answers} model_ids={params.ids}"
                 f" out={params.out} baseline_answers={input.baseline} baseline_id={params.baseline}"
                 f" fschat_python={params.python} {params.judge} > {log} 2>&1"
             )
@@ -109,6 +111,7 @@ else:
             answers=lambda w: answers_file(w.model, "mtbench"),
             baseline=baseline_answers("mtbench", BENCH["mtbench"]["baseline"]),
             env=env_input("fschat"),
+            questions=QUESTION_SETS[BENCH["answer_files"]["mtbench"]],
         output:
             f"{RESULTS}/metrics/{{model}}/mtbench.json",
         log:
@@ -119,12 +122,11 @@ else:
         localrule: True
         params:
             baseline=BENCH["mtbench"]["baseline"],
-            questions=QUESTION_SETS[BENCH["answer_files"]["mtbench"]],
             judge=judge_settings("mtbench"),
             python=env_python("fschat"),
         run:
             run_judged(
-                f"atlantis mtbench questions={params.questions} answers={input.answers} model_ids={wildcards.model}"
+                f"atlantis mtbench questions={input.questions} answers={input.answers} model_ids={wildcards.model}"
                 f" out={output} baseline_answers={input.baseline} baseline_id={params.baseline}"
                 f" fschat_python={params.python} {params.judge} > {log} 2>&1"
             )
@@ -135,6 +137,8 @@ rule alpacaeval:
         answers=lambda w: answers_file(w.model, "alpacaeval"),
         reference=lambda w: baseline_answers("alpacaeval", BENCH["alpacaeval"][w.level]["reference"]),
         env=env_input("alpaca-eval"),
+        questions=QUESTION_SETS["alpaca"],
+        world=world_inputs(),
     output:
         f"{RESULTS}/metrics/{{model}}/alpacaeval_{{level}}.json",
     log:
@@ -145,14 +149,13 @@ rule alpacaeval:
     # judge calls need the API, not a GPU: on the submit host (compute nodes may have no internet)
     localrule: True
     params:
-        questions=QUESTION_SETS["alpaca"],
         annotator=lambda w: BENCH["alpacaeval"][w.level]["annotator"],
         reference=lambda w: BENCH["alpacaeval"][w.level]["reference"],
         judge=lambda w: judge_settings("alpacaeval", w.level),
         python=env_python("alpaca-eval"),
     run:
         run_judged(
-            f"atlantis alpacaeval answers={input.answers} questions={params.questions} model_id={wildcards.model}"
+            f"atlantis alpacaeval answers={input.answers} questions={input.questions} model_id={wildcards.model}"
             f" reference={input.reference} reference_id={params.reference} annotator={params.annotator}"
             f" metric=alpacaeval_{wildcards.level} alpaca_python={params.python} {params.judge} out={output}"
             f" > {log} 2>&1"
@@ -163,6 +166,8 @@ rule arena_hard:
     input:
         answers=lambda w: answers_file(w.model, "arena"),
         baseline=baseline_answers("arena", BENCH["arena"]["baseline"]),
+        questions=QUESTION_SETS["arena"],
+        world=world_inputs(),
     output:
         metrics=f"{RESULTS}/metrics/{{model}}/arena_hard.json",
         # declared, so a rerun (new answers) starts a fresh cache instead of refusing the stale one
@@ -174,11 +179,10 @@ rule arena_hard:
     # judge calls need the API, not a GPU: on the submit host (compute nodes may have no internet)
     localrule: True
     params:
-        questions=QUESTION_SETS["arena"],
         judge=judge_settings("arena"),
     run:
         run_judged(
-            f"atlantis arena-hard questions={params.questions} answers={input.answers} baseline={input.baseline}"
+            f"atlantis arena-hard questions={input.questions} answers={input.answers} baseline={input.baseline}"
             f" {params.judge} judgments={output.judgments} out={output.metrics} > {log} 2>&1"
         )
 

@@ -5,6 +5,7 @@ import math
 import os
 import re
 import subprocess
+from pathlib import Path
 
 from atlantis.launch import srun_prefix
 from atlantis.plan import JudgeWork, PlannedJob
@@ -90,6 +91,12 @@ def weight_pass_render(scorer):
     return ROLE_TEMPLATES.get(part, []) + config.get("score_extra", []) + family.get("render", {}).get(part, [])
 
 
+def score_settings(w):
+    """A pass's settings: the role's render settings (weight passes) or the profile's, then the pass's own."""
+    base = weight_pass_render(w.scorer) if w.kind == "weights" else config.get("score_extra", [])
+    return base + SCORE_PASS[w.kind].split()
+
+
 # The model that scores each selector's IFD (`experiments.selection.scorers`, defaults: the released code's choices;
 # atlantis.selection.DEFAULT_SCORERS).
 SELECTION_SCORERS = selection_scorers(config["experiments"].get("selection", {}))
@@ -106,7 +113,8 @@ def selection_scorer(large, selector):
 
 def train_inputs(w):
     run = RUNS[w.run]
-    inputs = {"made": made_inputs(config["large"][run["large"]]["model"], config["sft"])}
+    inputs = {"made": local_inputs(config["large"][run["large"]]["model"], config["sft"])}
+    inputs["settings"] = setting_inputs(config.get("train_extra", []))
     if run["method"] == "atlantis":
         inputs["weights"] = f"{RESULTS}/weights/{run['family']}.parquet"
     if "subset" in run:
@@ -124,7 +132,7 @@ def train_settings(w, input):
         parts.append(f"deepspeed={TRAINING['zero']}")  # Table 6: ZeRO-3 with optimizer and parameter offload
     schedule = run_schedule(w.run)
     parts += [f"{k}={schedule[k]}" for k in ("max_steps", "warmup_steps") if k in schedule]
-    parts += [f"{k}={v}" for k, v in input.items() if k != "made"]
+    parts += [f"{k}={v}" for k, v in input.items() if k in ("weights", "subset")]
     return " ".join(parts + config.get("train_extra", []))
 
 
@@ -182,18 +190,43 @@ def model_path(model):
 
 def made_here(path):
     """A model folder or data file that a rule of this workflow makes (the smoke profile's converted checkpoints and
-    data): jobs that read it declare it as an input, so they wait for it and rerun when it changes."""
+    data): jobs that read it declare the path itself, so they wait for it."""
     return str(path).startswith(f"{RESULTS}/models/") or str(path).startswith(f"{RESULTS}/data/")
 
 
-def made_inputs(*paths):
-    return [p for p in paths if made_here(p)]
+def local_inputs(*paths):
+    """What a job reads from these models or data, as inputs: a path a rule makes, every file of a local folder
+    (a model's weights, tokenizer and config), a local file; a Hub id is nothing to declare. A change of any of
+    them (`atlantis world build force=true`, a model replaced in place) reruns exactly the jobs that read it."""
+    found = []
+    for path in map(str, paths):
+        if made_here(path) or os.path.isfile(path):
+            found.append(path)
+        elif os.path.isdir(path):
+            found += sorted(
+                str(f)
+                for f in Path(path).rglob("*")
+                if f.is_file() and not f.relative_to(path).parts[0].startswith(".")
+            )
+    return found
+
+
+def setting_inputs(settings):
+    """Local files that `key=value` settings name (a chat template, lm-eval's TruthfulQA records)."""
+    values = [s.split("=", 1)[1] for s in settings if "=" in s]
+    return local_inputs(*[v for v in values if made_here(v) or os.path.isfile(v)])
+
+
+def world_inputs():
+    """What the tiny world's graders read: its data sets (questions, ground truth) and its question/answer format;
+    not its models, so that a new model reruns only the jobs that load it."""
+    return local_inputs(f"{config['world']}/data", "atlantis/world/qa.jinja") if WORLD else []
 
 
 def lm_eval_inputs():
-    """Files the lm-eval settings name that this workflow makes, such as the smoke profile's TruthfulQA records;
-    the lm-eval jobs wait for them (the proxy's job, which waits for no training, used to race `smoke_data`)."""
-    return made_inputs(*[x.split("=", 1)[1] for x in BENCH.get("lm_eval", []) if x.startswith("truthfulqa=")])
+    """Files the lm-eval settings name: the smoke profile's TruthfulQA records (the proxy's job, which waits for no
+    training, used to race `smoke_data`), the world's data (`world=`)."""
+    return setting_inputs(BENCH.get("lm_eval", [])) + (world_inputs() if WORLD else [])
 
 
 def lmeval_input(w):
@@ -204,8 +237,8 @@ def model_input(w):
     if w.model in RUNS:
         return {"model": f"{RESULTS}/runs/{w.model}/final"}
     if w.model in PROXY_MODELS:
-        return {"models": made_inputs(*proxy_triple(w.model))}
-    return {"model": made_inputs(FIXED[w.model])} if w.model in FIXED else {}
+        return {"models": local_inputs(*proxy_triple(w.model))}
+    return {"model": local_inputs(FIXED[w.model])} if w.model in FIXED else {}
 
 
 def proxy_triple(model):

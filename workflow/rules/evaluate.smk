@@ -7,6 +7,7 @@ if WORLD:
     rule world_evaluate:
         input:
             unpack(model_input),
+            world=world_inputs(),
         output:
             metrics=f"{RESULTS}/metrics/{{model}}.json",
             answers=[f"{RESULTS}/answers/{{model}}/{name}.jsonl" for name in ("eval_open", "eval_mtbench")],
@@ -18,7 +19,7 @@ if WORLD:
             "../envs/atlantis.yaml"
         threads: THREADS
         params:
-            world=config.get("world", ""),
+            world=lambda w, input: os.path.dirname(os.path.dirname(input.world[0])),  # {world}/data/<file>
             model=lambda w: model_path(w.model),
             answers=lambda w, output: os.path.dirname(output.answers[0]),
         shell:
@@ -26,6 +27,9 @@ if WORLD:
             " answers={params.answers} out={output.metrics} > {log} 2>&1"
 
     rule world_evaluate_proxy:
+        input:
+            models=lambda w: local_inputs(*proxy_triple(f"{w.large}.proxy")),
+            world=world_inputs(),
         output:
             metrics=f"{RESULTS}/metrics/{{large}}.proxy.json",
             answers=[f"{RESULTS}/answers/{{large}}.proxy/{name}.jsonl" for name in ("eval_open", "eval_mtbench")],
@@ -37,7 +41,7 @@ if WORLD:
             "../envs/atlantis.yaml"
         threads: THREADS
         params:
-            world=config.get("world", ""),
+            world=lambda w, input: os.path.dirname(os.path.dirname(input.world[0])),  # {world}/data/<file>
             triple=lambda w: proxy_triple(f"{w.large}.proxy"),
             answers=lambda w, output: os.path.dirname(output.answers[0]),
         shell:

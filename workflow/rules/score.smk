@@ -14,7 +14,7 @@ SCORE_PASS = {
 
 rule score:
     input:
-        lambda w: made_inputs(model_of(w.scorer), config["sft"]),
+        lambda w: local_inputs(model_of(w.scorer), config["sft"]) + setting_inputs(score_settings(w)),
     output:
         f"{RESULTS}/scores/{{scorer}}/{{kind}}.parquet",
     log:
@@ -36,10 +36,7 @@ rule score:
     params:
         model=lambda w: model_of(w.scorer),
         role=lambda w: w.scorer.rsplit(".", 1)[1] if w.kind == "weights" else w.kind.rsplit("_", 1)[1],
-        extra=lambda w: " ".join(
-            (weight_pass_render(w.scorer) if w.kind == "weights" else config.get("score_extra", []))
-            + [SCORE_PASS[w.kind]]
-        ),
+        extra=lambda w: " ".join(score_settings(w)),
         data=config["sft"],
         # data-parallel over the job's GPUs (rank r scores shards i % world == r; the last one merges)
         launch=lambda w: srun_prefix(
