@@ -191,8 +191,10 @@ def reproduced_rows(matrix: dict, spec: Spec) -> dict[str, list[tuple[dict, list
 
 def read_metrics(metrics_dir: Path, run: str) -> dict:
     """A run's metrics: `metrics/<run>.json` (the tiny world's p*-metrics) merged with every benchmark's
-    `metrics/<run>/<benchmark>.json`; the provenance record is the world file's, else the first benchmark's."""
-    files = [metrics_dir / f"{run}.json"] + sorted((metrics_dir / run).glob("*.json"))
+    `metrics/<run>/<benchmark>.json`; the provenance record is the world file's, else the first benchmark's.
+    Per-example companions beside them (`alpacaeval_easy.annotations.json`) are not metrics files."""
+    benchmarks = sorted(f for f in (metrics_dir / run).glob("*.json") if "." not in f.stem)
+    files = [metrics_dir / f"{run}.json"] + benchmarks
     files = [f for f in files if f.is_file()]
     if not files:
         raise ReportError(f"{metrics_dir / run}.json: no metrics for run {run!r} (evaluate it first)")

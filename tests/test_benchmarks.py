@@ -1,6 +1,7 @@
 """The world judge and the MT-Bench / AlpacaEval runners through their real packages (fschat, alpaca-eval)."""
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -160,6 +161,13 @@ def test_mtbench_through_fastchat_matches_hand_computation(tmp_path, monkeypatch
     # FastChat's own result table agrees
     table = Path(g["fastchat_tables"]).read_text()
     assert "9.25" in table and "0.75" in table
+    # the per-example judgments kept beside the metrics: good's 4 single grades (2 questions x 2 turns) and its 2
+    # pairwise matches (one per question, both turns in one multi-turn judgment for turn 2)
+    rows = [json.loads(x) for x in Path(g["judgments"]).read_text().splitlines()]
+    assert Path(g["judgments"]) == tmp_path / "good.judgments.jsonl"
+    single = [r for r in rows if "model" in r]
+    assert len(single) == 4 and {r["model"] for r in single} == {"good"}
+    assert all("good" in (r["model_1"], r["model_2"]) for r in rows if "model" not in r) and len(rows) > 4
     for path in [*tmp_path.rglob("*")]:
         if path.is_file():
             assert secret not in path.read_text(errors="ignore"), path
@@ -191,6 +199,9 @@ def test_alpacaeval_through_the_package_matches_hand_computation(tmp_path):
     rec = json.loads(out.read_text())
     # one win (black vs blue), one loss (cave vs lake): 50%, as the package computes it
     assert rec["metrics"]["alpacaeval_easy"] == pytest.approx(50.0)
+    kept = json.loads(Path(rec["judgments"]).read_text())  # per-example judgments, beside the metrics
+    assert Path(rec["judgments"]) == tmp_path / "out.annotations.json"
+    assert sorted(float(a["preference"]) for a in kept) == [1.0, 2.0]
     assert rec["alpaca_eval"]["n_total"] == 2 and rec["alpaca_eval"]["n_wins"] == 1
 
 
@@ -306,3 +317,19 @@ def test_a_length_controlled_rate_the_package_cannot_compute_is_null_with_its_re
     got = length_controlled(cfg(annotator="alpaca_eval_gpt4"), str(ALPACA), work / "leaderboard.csv", board)
     assert got["length_controlled_winrate"] is None
     assert got["length_controlled"]["reason"].startswith("not computed: annotator 'alpaca_eval_gpt4'")
+
+
+def test_committed_results_keep_judgments_not_working_folders():
+    """Tiny results: every MT-Bench and AlpacaEval metrics file names its per-example judgments, committed beside
+    it; the packages' working folders are not tracked."""
+    tracked = subprocess.run(
+        ["git", "ls-files", "results/tiny/metrics"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    if not tracked:
+        pytest.skip("not a git checkout")
+    assert not [f for f in tracked if ".work/" in f]
+    metrics = [f for f in tracked if f.endswith(("/mtbench.json", "/alpacaeval_easy.json", "/alpacaeval_hard.json"))]
+    assert len(metrics) == 41 + 24  # MT-Bench: the 40 runs and the proxy; AlpacaEval: Table 2 runs x 2 levels
+    for f in metrics:
+        judged = json.loads((ROOT / f).read_text())["judgments"]
+        assert judged in tracked and (ROOT / judged).stat().st_size > 0, f

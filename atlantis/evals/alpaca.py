@@ -189,6 +189,14 @@ def length_controlled(cfg: AlpacaEvalConfig, python: str, leaderboard: Path, boa
     }
 
 
+def keep_annotations(leaderboard: Path, out: Path) -> Path:
+    """The per-example judgments, beside the metrics: `<out>.annotations.json`. The package's working folder
+    (`<out>.work`: its caches, inputs and log) is scratch, kept out of git; these are what a reader checks."""
+    dest = out.with_name(out.stem + ".annotations.json")
+    shutil.copyfile(leaderboard.parent / "annotations.json", dest)
+    return dest
+
+
 def run(cfg: AlpacaEvalConfig) -> Path:
     """`atlantis alpacaeval`: the package's evaluate on this model's outputs against the reference."""
     from atlantis.evals.local_judge import judge_endpoint, judge_record
@@ -260,6 +268,7 @@ def run(cfg: AlpacaEvalConfig) -> Path:
         "leaderboard": str(boards[0]),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
+    result["judgments"] = str(keep_annotations(boards[0], out))
     out.write_text(json.dumps(result, indent=1) + "\n")
     log.info(
         "AlpacaEval %s: %s = %.2f (length-controlled: %s)",

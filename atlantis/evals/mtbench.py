@@ -210,6 +210,19 @@ def _fastchat(cfg: MTBenchConfig, work: Path, env: dict, module: str, *args: str
     return proc.stdout
 
 
+def keep_judgments(judgment_dir: Path, judge_model: str, model_id: str, out: Path) -> Path:
+    """One model's per-example judgments (single grades, and pairwise ones where it is either side), beside its
+    metrics: `<out>.judgments.jsonl`. FastChat's working tree (`mtbench.work`) is scratch, kept out of git."""
+    rows = []
+    for kind in ("single", "pair"):
+        path = judgment_dir / f"{judge_model}_{kind}.jsonl"
+        if path.is_file():
+            rows += [r for r in read_jsonl(path) if model_id in (r.get("model"), r.get("model_1"), r.get("model_2"))]
+    dest = out.with_name(out.stem + ".judgments.jsonl")
+    dest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return dest
+
+
 def run(cfg: MTBenchConfig) -> list[Path]:
     """`atlantis mtbench`: judge the models' answers with FastChat's llm_judge; one metrics JSON per model."""
     from atlantis.evals.local_judge import judge_endpoint, judge_record
@@ -276,8 +289,8 @@ def run(cfg: MTBenchConfig) -> list[Path]:
     table_path.write_text(redact("\n".join(tables)))
     for out, (mid, result) in zip(outs, results.items()):
         result["fastchat_tables"] = str(table_path)
-        result["judgments"] = str(bench / "model_judgment")
         out.parent.mkdir(parents=True, exist_ok=True)
+        result["judgments"] = str(keep_judgments(bench / "model_judgment", judge.model, mid, out))
         out.write_text(json.dumps(result, indent=1) + "\n")
         log.info("MT-Bench %s: %s", mid, result["metrics"])
     return outs

@@ -85,14 +85,16 @@ if WORLD:
             questions=QUESTION_SETS[BENCH["answer_files"]["mtbench"]],
             world=world_inputs(),
         output:
-            [f"{RESULTS}/metrics/{m}/mtbench.json" for m in MTBENCH_MODELS],
+            metrics=[f"{RESULTS}/metrics/{m}/mtbench.json" for m in MTBENCH_MODELS],
+            # per-example judgments, kept beside the metrics (FastChat's working tree is scratch, not in git)
+            judgments=[f"{RESULTS}/metrics/{m}/mtbench.judgments.jsonl" for m in MTBENCH_MODELS],
         log:
             f"{RESULTS}/logs/mtbench.log",
         localrule: True
         params:
             ids=",".join(MTBENCH_MODELS),
             answers=lambda w, input: ",".join(input.answers),
-            out=lambda w, output: ",".join(output),
+            out=lambda w, output: ",".join(output.metrics),
             baseline=BENCH["mtbench"]["baseline"],
             judge=judge_settings("mtbench"),
             python=env_python("fschat"),
@@ -113,7 +115,8 @@ else:
             env=env_input("fschat"),
             questions=QUESTION_SETS[BENCH["answer_files"]["mtbench"]],
         output:
-            f"{RESULTS}/metrics/{{model}}/mtbench.json",
+            metrics=f"{RESULTS}/metrics/{{model}}/mtbench.json",
+            judgments=f"{RESULTS}/metrics/{{model}}/mtbench.judgments.jsonl",
         log:
             f"{RESULTS}/logs/mtbench/{{model}}.log",
         wildcard_constraints:
@@ -127,7 +130,7 @@ else:
         run:
             run_judged(
                 f"atlantis mtbench questions={input.questions} answers={input.answers} model_ids={wildcards.model}"
-                f" out={output} baseline_answers={input.baseline} baseline_id={params.baseline}"
+                f" out={output.metrics} baseline_answers={input.baseline} baseline_id={params.baseline}"
                 f" fschat_python={params.python} {params.judge} > {log} 2>&1"
             )
 
@@ -140,7 +143,8 @@ rule alpacaeval:
         questions=QUESTION_SETS["alpaca"],
         world=world_inputs(),
     output:
-        f"{RESULTS}/metrics/{{model}}/alpacaeval_{{level}}.json",
+        metrics=f"{RESULTS}/metrics/{{model}}/alpacaeval_{{level}}.json",
+        judgments=f"{RESULTS}/metrics/{{model}}/alpacaeval_{{level}}.annotations.json",
     log:
         f"{RESULTS}/logs/alpacaeval/{{model}}.{{level}}.log",
     wildcard_constraints:
@@ -157,7 +161,7 @@ rule alpacaeval:
         run_judged(
             f"atlantis alpacaeval answers={input.answers} questions={input.questions} model_id={wildcards.model}"
             f" reference={input.reference} reference_id={params.reference} annotator={params.annotator}"
-            f" metric=alpacaeval_{wildcards.level} alpaca_python={params.python} {params.judge} out={output}"
+            f" metric=alpacaeval_{wildcards.level} alpaca_python={params.python} {params.judge} out={output.metrics}"
             f" > {log} 2>&1"
         )
 
