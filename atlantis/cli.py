@@ -306,8 +306,8 @@ VERBS: dict[str, Verb] = {
         "lm-evaluation-harness: TruthfulQA MC1/MC2 and the Open LLM Leaderboard v2 (paper), or the world's tasks.",
         _lmeval_cfg,
         _lmeval,
-        "atlantis lmeval model=results/tiny/world/models/lumi-large tasks=world out=lmeval.json"
-        "  (proxy: proxy_large=... proxy_small=... proxy_ref=...)",
+        "atlantis lmeval model=results/tiny/world/models/lumi-large tasks=world world=results/tiny/world"
+        " out=lmeval.json",
     ),
     "judge-check": Verb(
         "Check a judge endpoint and its key with one request (the workflow runs it before any answer is generated).",
@@ -319,7 +319,7 @@ VERBS: dict[str, Verb] = {
         "MT-Bench single and pairwise through FastChat's judge (fschat env), on any OpenAI-compatible endpoint.",
         _mtbench_cfg,
         _mtbench,
-        "atlantis mtbench answers=answers/atl.jsonl model_id=atl baseline_answers=answers/gpt-3.5-turbo.jsonl"
+        "atlantis mtbench answers=answers/atl.jsonl model_ids=atl baseline_answers=answers/gpt-3.5-turbo.jsonl"
         " judge.base_url=https://api.openai.com/v1 out=results/mtbench/atl.json",
     ),
     "alpacaeval": Verb(

@@ -60,8 +60,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if origin in (list, tuple):
         (inner, *_) = typing.get_args(tp) or (Any,)
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v]
+        if isinstance(value, str):  # `seeds=0,1,2`: each item read as YAML, as a single value would be
+            items = [v for v in value.split(",") if v]
+            value = items if inner is str else [yaml.safe_load(v) for v in items]
         elif isinstance(value, (int, float)) and origin is list:  # `seeds=0` on the command line: one item
             value = [value]
         if not isinstance(value, (list, tuple)):
@@ -130,13 +131,22 @@ def build(cls: type[T], values: dict[str, Any], prefix: str = "") -> T:
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set `a.b.c=value` in `tree`. A setting given twice is refused (which one should win is a guess); a section's
+    shorthand (`data=FILE` for `data.path=FILE`) merges with the section's other settings in either order."""
     *parents, leaf = dotted.split(".")
     node = tree
     for part in parents:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"{dotted}: {part} is not a section")
-    node[leaf] = value
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):  # `data=FILE data.limit=5`: FILE is the section's path
+            child = node[part] = {"path": child}
+        node = child
+    if leaf not in node:
+        node[leaf] = value
+    elif isinstance(node[leaf], dict) and not isinstance(value, dict) and "path" not in node[leaf]:
+        node[leaf]["path"] = value  # `data.limit=5 data=FILE`
+    else:
+        old = node[leaf].get("path") if isinstance(node[leaf], dict) else node[leaf]
+        raise ConfigError(f"{dotted} is given twice ({old!r}, then {value!r}); give each setting once")
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -151,9 +161,15 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """The command line over the YAML file, key by key (a section's shorthand replaces only its path)."""
     out = dict(base)
     for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        if isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v if isinstance(v, dict) else {"path": v})
+        elif isinstance(v, dict) and k in out and out[k] is not None:
+            out[k] = _merge({"path": out[k]}, v)
+        else:
+            out[k] = v
     return out
 
 

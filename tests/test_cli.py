@@ -2,6 +2,7 @@
 
 import json
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from atlantis.cli import main
+from atlantis import config as config_lib
+from atlantis.cli import VERBS, main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,3 +89,15 @@ def test_runtime_errors_exit_1_with_a_message(tmp_path, caplog):
         ["score", f"model={tmp_path}/none", "role=small", f"out={tmp_path}/o.parquet", f"data={tmp_path}/d.jsonl"]
     )
     assert code == 1 and "ModelError" in caplog.text and "no such folder" in caplog.text
+
+
+@pytest.mark.parametrize("verb", sorted(VERBS))
+def test_every_help_example_is_valid_as_written(verb):
+    """`atlantis world experiment --help` gave `seeds=0,1,2`, which stopped with a type error: every printed
+    example names its verb and its settings load and validate as the verb's config (README's example block, run in
+    full by test_readme_example_runs, covers score, weights, select, train and generate end to end)."""
+    words = shlex.split(VERBS[verb].example)
+    assert words[: 1 + len(verb.split())] == ["atlantis", *verb.split()], VERBS[verb].example
+    settings = words[1 + len(verb.split()) :]
+    assert settings and all("=" in w for w in settings), VERBS[verb].example
+    config_lib.load(VERBS[verb].config(), None, settings)

@@ -54,7 +54,8 @@ def test_overrides_nested_and_typed():
     ],
 )
 def test_bad_settings_are_named(overrides, message):
-    base = ["model=m", "role=small", "out=o.parquet", "data=d.jsonl"]
+    given = {o.split("=", 1)[0] for o in overrides}
+    base = [b for b in ["model=m", "role=small", "out=o.parquet", "data=d.jsonl"] if b.split("=")[0] not in given]
     with pytest.raises((ConfigError, ValueError), match=message):
         config_lib.load(ScoreConfig, None, base + overrides)
 
@@ -71,3 +72,32 @@ def test_partial_section_keeps_the_fields_own_defaults():
     assert not config_lib.load(
         TrainConfig, None, [*base, "render.include_end_of_turn=false"]
     ).render.include_end_of_turn
+
+
+@pytest.mark.parametrize("given", [["data=a.jsonl", "data=b.jsonl"], ["data.path=a.jsonl", "data=b.jsonl"]])
+def test_a_setting_given_twice_is_refused(given):
+    """`data=A data=B` used B without a word; which one the user meant is a guess."""
+    with pytest.raises(ConfigError, match=r"data(\.path)? is given twice \('a.jsonl', then 'b.jsonl'\)"):
+        config_lib.load(ScoreConfig, None, ["model=m", "role=small", "out=o.parquet", *given])
+
+
+@pytest.mark.parametrize("order", [["data.limit=5", "data=big.jsonl"], ["data=big.jsonl", "data.limit=5"]])
+def test_a_sections_shorthand_merges_with_its_settings_in_either_order(order):
+    """`data.limit=5 data=big.jsonl` scored all 400 records; the other order failed with "data is not a section"."""
+    cfg = config_lib.load(ScoreConfig, None, ["model=m", "role=small", "out=o.parquet", *order])
+    assert (cfg.data.path, cfg.data.limit) == ("big.jsonl", 5)
+
+
+def test_the_command_line_shorthand_keeps_the_yaml_sections_other_settings(tmp_path):
+    path = tmp_path / "score.yaml"
+    path.write_text("model: m\nrole: small\nout: o.parquet\ndata: {path: a.jsonl, limit: 7}\n")
+    cfg = config_lib.load(ScoreConfig, path, ["data=b.jsonl"])
+    assert (cfg.data.path, cfg.data.limit) == ("b.jsonl", 7)
+
+
+def test_a_comma_list_reads_its_items_as_values():
+    """`seeds=0,1,2` (the --help example) stopped with "seeds: expected an integer, got '0'"."""
+    from atlantis.world.experiment import ExperimentConfig
+
+    assert config_lib.load(ExperimentConfig, None, ["seeds=0,1,2"]).seeds == [0, 1, 2]
+    assert config_lib.load(ExperimentConfig, None, ["seeds=[0, 1, 2]"]).seeds == [0, 1, 2]

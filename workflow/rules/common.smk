@@ -82,19 +82,32 @@ def model_of(scorer):
 ROLE_TEMPLATES = {"small": ["render.template=plain"], "ref": ["render.template=model"]}
 
 
+def later_wins(*groups):
+    """`key=value` settings from layers (rule, profile, family), each key once with its last layer's value: the CLI
+    refuses a setting given twice."""
+    merged = {}
+    for item in (x for group in groups for x in group):
+        key = item.split("=", 1)[0]
+        merged.pop(key, None)
+        merged[key] = item
+    return list(merged.values())
+
+
 def weight_pass_render(scorer):
     """Render settings of one role's weight pass, later ones winning: the role's rule (ROLE_TEMPLATES), the
     profile's `score_extra` (the tiny world reads everything through its own template), then what the family gives
     that role (`families.<f>.render.<role>`)."""
     name, part = scorer.rsplit(".", 1)
     family = config["families"].get(name, {}) if part != "large" else {}
-    return ROLE_TEMPLATES.get(part, []) + config.get("score_extra", []) + family.get("render", {}).get(part, [])
+    return later_wins(
+        ROLE_TEMPLATES.get(part, []), config.get("score_extra", []), family.get("render", {}).get(part, [])
+    )
 
 
 def score_settings(w):
     """A pass's settings: the role's render settings (weight passes) or the profile's, then the pass's own."""
     base = weight_pass_render(w.scorer) if w.kind == "weights" else config.get("score_extra", [])
-    return base + SCORE_PASS[w.kind].split()
+    return later_wins(base, SCORE_PASS[w.kind].split())
 
 
 # The model that scores each selector's IFD (`experiments.selection.scorers`, defaults: the released code's choices;
@@ -133,7 +146,7 @@ def train_settings(w, input):
     schedule = run_schedule(w.run)
     parts += [f"{k}={schedule[k]}" for k in ("max_steps", "warmup_steps") if k in schedule]
     parts += [f"{k}={v}" for k, v in input.items() if k in ("weights", "subset")]
-    return " ".join(parts + config.get("train_extra", []))
+    return " ".join(later_wins(parts, config.get("train_extra", [])))
 
 
 # DeepSpeed compiles its ops (CPU Adam for the offloaded optimizer) on first use: one cache for every job, kept
