@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import socket
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -361,9 +362,11 @@ def score(cfg: ScoreConfig) -> Path | None:
     finally:
         # A rank that does not merge leaves the lock to the rank that will (its job's other ranks still write);
         # after a failure of a multi-rank job the lock stays too: a rerun of the same job takes it again, and
-        # another invocation on this host finds its pid dead.
+        # another invocation finds its pid dead or its heartbeat stopped.
         if world_size() == 1 or merged is not None:
             lock.release()
+        else:
+            lock.stop()
     return merged
 
 
@@ -534,14 +537,19 @@ class OutputLock:
     Without it two invocations on one output both score everything, and the later one either replaces the
     earlier's file or trips over its temporary files. The lock holds the holder's pid, host, start time and job
     key (`_job_key`): the ranks of one multi-rank job share it (they split the shards on purpose), anyone else is
-    refused while its holder lives. A lock whose pid is dead on this host (a killed run) is taken over with a
-    warning; one from another host cannot be checked, so the message says how to remove it.
+    refused while its holder lives. A holder proves it lives by touching the lock every `HEARTBEAT_S`: a lock
+    whose pid is dead on this host (a killed run), or that nobody touched for `STALE_AFTER_S` (a run killed on
+    another node, say by a SLURM time limit, whose pid cannot be checked from here) is taken over with a warning.
     """
+
+    HEARTBEAT_S = 60.0
+    STALE_AFTER_S = 600.0  # ten missed heartbeats; leaves room for clock skew between the nodes of a cluster
 
     def __init__(self, out: Path):
         self.out = out
         self.path = out.with_name(out.name + ".lock")
         self.key = _job_key()
+        self._stop = threading.Event()
 
     def acquire(self) -> None:
         me = {
@@ -553,33 +561,59 @@ class OutputLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(5):
             if self._create(json.dumps(me)):
-                return
-            holder = self._read()
-            if holder is None:  # released between our attempt and the read: try again
+                return self._beat()
+            holder, age = self._read(), self._age()
+            if holder is None or age is None:  # released between our attempt and the read: try again
                 continue
             if holder.get("job") == self.key:
-                return  # another rank of this job took it
+                return self._beat()  # another rank of this job took it
             pid, host = holder.get("pid"), holder.get("host")
             if host == me["host"] and isinstance(pid, int) and not _pid_alive(pid):
-                log.warning(
-                    "%s: taking over the lock of pid %d on %s (started %s), which is gone",
-                    self.path,
-                    pid,
-                    host,
-                    holder.get("started"),
+                why = "which is gone"
+            elif age > self.STALE_AFTER_S:
+                why = f"which has not touched it for {age:.0f} s"
+            else:
+                raise ScoringError(
+                    f"another process (pid {pid} on host {host}, started {holder.get('started')}) is writing "
+                    f"{self.out}; wait or remove the lock {self.path} if that process is gone"
                 )
-                self.path.unlink(missing_ok=True)
-                continue
-            raise ScoringError(
-                f"another process (pid {pid} on host {host}, started {holder.get('started')}) is writing "
-                f"{self.out}; wait or remove the lock {self.path} if that process is gone"
+            log.warning(
+                "%s: taking over the lock of pid %s on %s (started %s), %s",
+                self.path,
+                pid,
+                host,
+                holder.get("started"),
+                why,
             )
+            self.path.unlink(missing_ok=True)
         raise ScoringError(f"{self.path}: could not take the lock, it keeps changing hands; is a loop rerunning score?")
 
     def release(self) -> None:
+        """Remove the lock if it is this job's (and stop touching it)."""
+        self.stop()
         holder = self._read()
         if holder is not None and holder.get("job") == self.key:
             self.path.unlink(missing_ok=True)
+
+    def stop(self) -> None:
+        """Stop touching the lock, leaving it in place (for the rank that will merge)."""
+        self._stop.set()
+
+    def _beat(self) -> None:
+        def touch() -> None:
+            while not self._stop.wait(self.HEARTBEAT_S):
+                try:
+                    os.utime(self.path)
+                except FileNotFoundError:  # released by the rank that merged
+                    return
+
+        threading.Thread(target=touch, name=f"lock {self.path.name}", daemon=True).start()
+
+    def _age(self) -> float | None:
+        try:
+            return time.time() - self.path.stat().st_mtime
+        except FileNotFoundError:
+            return None
 
     def _create(self, text: str) -> bool:
         """Create the lock with its content in one step (a hard link of a complete file), False if it exists."""

@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -123,11 +124,12 @@ def test_a_hub_id_without_a_cached_snapshot_is_identified_by_its_id(tmp_path, mo
 # ------------------------------------------------------------------------------ 2. one writer per output
 
 
-def write_lock(out, pid: int, job: str = "another job") -> None:
+def write_lock(out, pid: int, host: str | None = None, age_s: float = 0.0):
     lock = out.with_name(out.name + ".lock")
-    lock.write_text(
-        json.dumps({"pid": pid, "host": socket.gethostname(), "started": "2024-01-01T00:00:00", "job": job})
-    )
+    host = host or socket.gethostname()
+    lock.write_text(json.dumps({"pid": pid, "host": host, "started": "2024-01-01T00:00:00", "job": "another job"}))
+    os.utime(lock, (time.time() - age_s, time.time() - age_s))  # its holder's last heartbeat
+    return lock
 
 
 def dead_pid() -> int:
@@ -157,6 +159,30 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(models, data_file, tmp_path
         run(models["llama"], data_file, out)
     assert f"taking over the lock of pid {pid} on {socket.gethostname()}" in caplog.text
     assert out.is_file() and not (tmp_path / "s.parquet.lock").exists()
+
+
+def test_a_lock_from_another_host_is_kept_while_its_holder_beats_and_taken_over_when_it_stops(
+    models, data_file, tmp_path
+):
+    out = tmp_path / "s.parquet"
+    lock = write_lock(out, 1, host="node-elsewhere", age_s=60)
+    with pytest.raises(ScoringError, match=r"^another process \(pid 1 on host node-elsewhere, started "):
+        run(models["llama"], data_file, out)
+    assert lock.is_file()
+    write_lock(out, 1, host="node-elsewhere", age_s=scoring.OutputLock.STALE_AFTER_S + 60)  # killed on its node
+    run(models["llama"], data_file, out)
+    assert out.is_file() and not lock.exists()
+
+
+def test_a_holder_touches_its_lock(tmp_path, monkeypatch):
+    monkeypatch.setattr(scoring.OutputLock, "HEARTBEAT_S", 0.05)
+    lock = scoring.OutputLock(tmp_path / "s.parquet")
+    lock.acquire()
+    os.utime(lock.path, (0, 0))
+    time.sleep(0.5)
+    assert time.time() - lock.path.stat().st_mtime < 5
+    lock.release()
+    assert not lock.path.exists()
 
 
 def test_the_ranks_of_one_job_share_the_lock_and_others_stay_out(models, data_file, tmp_path, monkeypatch):
