@@ -18,6 +18,7 @@ by id and never by position.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import hashlib
 import json
@@ -104,17 +105,52 @@ class LoadReport:
 
 
 # ----------------------------------------------------------------------------------------------- reading
+# Input text is UTF-8. A byte-order mark (Windows editors, Excel exports) is skipped, not an error; any other
+# undecodable byte stops with the file and line, where Python's UnicodeDecodeError names neither.
+
+
+def decode_line(raw: bytes, path: str | Path, lineno: int) -> str:
+    """One line of an input file as text; a non-UTF-8 line is a `DataError` naming file, line and byte."""
+    if lineno == 1:
+        raw = raw.removeprefix(codecs.BOM_UTF8)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"{path}: line {lineno} is not UTF-8 (byte 0x{raw[err.start]:02x} at position {err.start + 1}); "
+            "re-save the file as UTF-8"
+        ) from err
+
+
+def iter_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of every line of a UTF-8 text file, a BOM skipped (`decode_line`)."""
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            yield lineno, decode_line(raw, path, lineno)
+
+
+def read_text(path: str | Path) -> str:
+    """A whole UTF-8 text file, a BOM skipped; a non-UTF-8 byte is a `DataError` naming its line."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        for lineno, line in enumerate(raw.split(b"\n"), start=1):
+            decode_line(line, path, lineno)  # raises on the first bad line
+        raise
+
+
+def parse_json_line(line: str, path: str | Path, lineno: int) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno})") from err
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield f"{path}:{lineno}", json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno})") from err
+    for lineno, line in iter_lines(path):
+        if line.strip():
+            yield f"{path}:{lineno}", parse_json_line(line, path, lineno)
 
 
 def read_jsonl(path: str | Path) -> list[Any]:
@@ -127,7 +163,7 @@ def read_jsonl(path: str | Path) -> list[Any]:
 
 def _iter_json(path: Path) -> Iterator[tuple[str, Any]]:
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
+        obj = json.loads(read_text(path))
     except json.JSONDecodeError as err:
         raise DataError(f"{path}:{err.lineno}: malformed JSON ({err.msg} at column {err.colno})") from err
     if isinstance(obj, dict):

@@ -40,7 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from atlantis.config import field
-from atlantis.data import DataError, _iter_json, _iter_jsonl
+from atlantis.data import DataError, _iter_json, _iter_jsonl, decode_line
 from atlantis.log import get_logger
 from atlantis.models import (
     check_model_source,
@@ -279,12 +279,14 @@ def read_done(out: Path, model_id: str) -> set[str]:
             continue
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             if lineno == len(lines):  # the last line has no newline: the write was interrupted
                 log.warning("%s:%d: dropping an incomplete last line (an interrupted run)", out, lineno)
                 with out.open("r+b") as fh:
                     fh.truncate(len(raw) - len(line))
                 break
+            if isinstance(err, UnicodeDecodeError):
+                decode_line(line, out, lineno)  # raises, naming the line and the byte
             raise DataError(f"{out}:{lineno}: malformed JSON ({err.msg}); fix or remove the line") from err
         if not isinstance(rec, dict) or "question_id" not in rec:
             raise DataError(f"{out}:{lineno}: not an answer record (no question_id)")

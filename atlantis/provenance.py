@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -46,6 +47,61 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+# (resolved path, size, mtime_ns) -> sha256: a process that checks the same model twice (score's resume check,
+# then its report) reads its gigabytes once; a file replaced in place changes size or mtime and is read again.
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def cached_file_sha256(path: str | Path) -> str:
+    path = Path(path).resolve()
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        _SHA_CACHE[key] = file_sha256(path)
+    return _SHA_CACHE[key]
+
+
+# The files whose content decides a model's log-probabilities: weights in every format transformers loads, the
+# shard index, the config and the tokenizer. README, generation_config.json, training logs and the like do not.
+MODEL_FILE_PATTERNS = (
+    "*.safetensors",
+    "*.bin",
+    "*.gguf",
+    "*.pt",
+    "*.pth",
+    "*.ckpt",
+    "*.h5",
+    "*.msgpack",
+    "*.index.json",
+    "config.json",
+    "tokenizer*",
+    "vocab.*",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.*",
+    "*.model",
+    "*.tiktoken",
+)
+
+
+def model_content(spec: str | Path) -> dict[str, Any]:
+    """What identifies a model's content: {file name: sha256} of its weight, config and tokenizer files for a
+    folder; for a Hub id, the commit of the snapshot in the local Hugging Face cache (its files are
+    content-addressed there), or the bare id with a note when no snapshot is cached (then a model replaced under
+    the same id cannot be told apart)."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        names = sorted({f.name for pattern in MODEL_FILE_PATTERNS for f in path.glob(pattern) if f.is_file()})
+        return {"files": {name: cached_file_sha256(path / name) for name in names}}
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(str(spec), "config.json")
+    if isinstance(cached, str):  # <cache>/models--owner--name/snapshots/<commit>/config.json
+        return {"hub": str(spec), "revision": os.path.basename(os.path.dirname(cached))}
+    return {"hub": str(spec), "note": "no snapshot in the local Hugging Face cache: identified by its id only"}
 
 
 def git_commit(repo: str | Path = ".") -> dict[str, Any]:

@@ -32,7 +32,7 @@ from typing import Literal
 from jinja2 import TemplateError
 
 from atlantis.config import field
-from atlantis.data import DataError, Sample, Turn
+from atlantis.data import DataError, Sample, Turn, read_text
 from atlantis.log import get_logger
 
 log = get_logger(__name__)
@@ -155,7 +155,7 @@ def resolve_template(tokenizer, spec: str) -> tuple[str, str]:
         return spec, NAMED_TEMPLATES[spec]
     path = Path(spec)
     if path.is_file():
-        return str(path), path.read_text()
+        return str(path), read_text(path)
     raise DataError(f"unknown template {spec!r}: use auto, model, {sorted(NAMED_TEMPLATES)} or a .jinja path")
 
 

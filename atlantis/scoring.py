@@ -24,11 +24,13 @@ import json
 import os
 import re
 import shutil
+import socket
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -36,6 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from atlantis import config as config_lib
+from atlantis import provenance
 from atlantis.config import field
 from atlantis.data import DataConfig, LoadReport, load_samples
 from atlantis.log import get_logger, rank, world_size
@@ -191,14 +194,18 @@ def collate(batch: Sequence[Rendered], pad_id: int, device: torch.device):
 # ----------------------------------------------------------------------------------------- the run
 
 
-def _fingerprint(cfg: ScoreConfig, rendered: Sequence[Rendered], template: str) -> str:
-    h = hashlib.sha256()
+def _fingerprint(cfg: ScoreConfig, rendered: Sequence[Rendered], template: str) -> dict[str, Any]:
+    """What the shards' numbers depend on, by part (settings, the rendered data, the model's content), so that a
+    resume over shards of another run can say which part changed. `fingerprint_hash` condenses it."""
     settings = {
         k: v
         for k, v in config_lib.to_dict(cfg).items()
-        # batch shapes do not change any score beyond float noise: a run may resume with smaller batches
+        # batch shapes do not change any score beyond float noise: a run may resume with smaller batches. The
+        # model's path does not matter either, its content does (the "model" part): a model moved elsewhere
+        # resumes, a model replaced in place at the same path does not.
         if k
         not in (
+            "model",
             "out",
             "overwrite",
             "keep_shards",
@@ -211,13 +218,43 @@ def _fingerprint(cfg: ScoreConfig, rendered: Sequence[Rendered], template: str) 
     }
     settings["dtype"] = str(pick_dtype(cfg.dtype, pick_device(cfg.device)))  # the one actually used
     settings["data"] = {k: v for k, v in settings["data"].items() if k != "path"}
-    h.update(json.dumps(settings, sort_keys=True).encode())
-    h.update(template.encode())
+    data = hashlib.sha256(template.encode())
     for r in rendered:
-        h.update(r.id.encode() + b"\0")
-        h.update(torch.tensor(r.input_ids, dtype=torch.int64).numpy().tobytes())
-        h.update(bytes(r.labels_mask))
-    return h.hexdigest()
+        data.update(r.id.encode() + b"\0")
+        data.update(torch.tensor(r.input_ids, dtype=torch.int64).numpy().tobytes())
+        data.update(bytes(r.labels_mask))
+    return {
+        "settings": hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest(),
+        "data": data.hexdigest(),
+        "model": provenance.model_content(cfg.model),
+    }
+
+
+def fingerprint_hash(parts: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _what_differs(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
+    """The parts of two fingerprints that differ, in words (the model's files by name)."""
+    if not isinstance(old, dict) or set(old) != set(new):  # a manifest of an older atlantis: no parts to compare
+        return "the data, the settings or the model"
+    said = []
+    if old["settings"] != new["settings"]:
+        said.append("the score settings")
+    if old["data"] != new["data"]:
+        said.append("the rendered data (its records, template or render settings)")
+    om, nm = old["model"], new["model"]
+    if om != nm and "files" in om and "files" in nm:
+        changed = sorted(n for n in {*om["files"], *nm["files"]} if om["files"].get(n) != nm["files"].get(n))
+        shown = [
+            f"{n} (sha256 {om['files'].get(n, 'absent')[:12]} then, {nm['files'].get(n, 'absent')[:12]} now)"
+            for n in changed[:3]
+        ]
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        said.append(f"the model's files {', '.join(shown)}{more} (a model replaced in place?)")
+    elif om != nm:
+        said.append(f"the model ({om} then, {nm} now)")
+    return " and ".join(said)
 
 
 def _schema(role: str) -> pa.Schema:
@@ -311,9 +348,30 @@ class _Scorer:
 
 
 def score(cfg: ScoreConfig) -> Path | None:
-    """Score `cfg.data` under `cfg.model`; returns the merged output path, or None if other ranks remain."""
+    """Score `cfg.data` under `cfg.model`; returns the merged output path, or None if other ranks remain.
+
+    One invocation writes an output at a time (`OutputLock`); the ranks of one multi-rank job share it."""
     out = Path(cfg.out)
     if out.exists() and not cfg.overwrite:
+        raise ScoringError(f"{out} exists; scores are never overwritten silently (pass overwrite=true)")
+    lock = OutputLock(out)
+    lock.acquire()
+    merged = None
+    try:
+        merged = _score(cfg, out)
+    finally:
+        # A rank that does not merge leaves the lock to the rank that will (its job's other ranks still write);
+        # after a failure of a multi-rank job the lock stays too: a rerun of the same job takes it again, and
+        # another invocation finds its pid dead or its heartbeat stopped.
+        if world_size() == 1 or merged is not None:
+            lock.release()
+        else:
+            lock.stop()
+    return merged
+
+
+def _score(cfg: ScoreConfig, out: Path) -> Path | None:
+    if out.exists() and not cfg.overwrite:  # written by another invocation while this one waited for the lock
         raise ScoringError(f"{out} exists; scores are never overwritten silently (pass overwrite=true)")
     check_model_source(cfg.model, cfg.trust_remote_code)  # before any data work
     load_report = LoadReport()
@@ -330,27 +388,38 @@ def score(cfg: ScoreConfig) -> Path | None:
         cfg.render = dataclasses.replace(cfg.render, max_length=limit)
     renderer = Renderer(tokenizer, cfg.render)
     rendered, truncated_away = renderer.render(samples)
-    if not rendered:
+    if not rendered:  # before the shard folder exists: a run that cannot start leaves nothing behind
+        ids = [e["id"] for e in truncated_away]
         reasons = sorted({e["reason"] for e in truncated_away})
+        fix = (
+            f"raise render.max_length (now {cfg.render.max_length}) so that some response fits after its prompt"
+            if any(r.startswith("response fully truncated") for r in reasons)
+            else "see the reasons"
+        )
         raise ScoringError(
-            f"{cfg.data.path}: no sample has a response token to score ({len(samples)} excluded: {reasons})"
+            f"{cfg.data.path}: no sample has a response token to score: all {len(ids)} are excluded, ids "
+            f"{ids[:5]}{' ...' if len(ids) > 5 else ''} ({'; '.join(reasons[:3])}); {fix}"
         )
     order = sorted(rendered, key=lambda r: (len(r), r.id))
     shards = [order[i : i + cfg.shard_size] for i in range(0, len(order), cfg.shard_size)]
 
     parts = out.with_name(out.name + ".parts")
     parts.mkdir(parents=True, exist_ok=True)
-    fingerprint = _fingerprint(cfg, order, renderer.template)
+    made_of = _fingerprint(cfg, order, renderer.template)
+    fingerprint = fingerprint_hash(made_of)
     manifest = parts / "manifest.json"
     if manifest.exists():
         old = json.loads(manifest.read_text())
         if old["fingerprint"] != fingerprint:
             raise ScoringError(
-                f"{parts} holds shards made from other data or settings; they are kept. "
-                "Remove that folder or choose another `out` to start afresh."
+                f"{parts} holds shards made from other data or settings; they are kept. What changed: "
+                f"{_what_differs(old.get('made_of'), made_of)}. Remove that folder or choose another `out` to "
+                "start afresh."
             )
     else:
-        _atomic_write_text(json.dumps({"fingerprint": fingerprint, "n_shards": len(shards)}), manifest)
+        _atomic_write_text(
+            json.dumps({"fingerprint": fingerprint, "made_of": made_of, "n_shards": len(shards)}), manifest
+        )
 
     shard_path = [parts / f"shard-{i:06d}.parquet" for i in range(len(shards))]
     mine = [i for i in range(len(shards)) if i % world_size() == rank() and not shard_path[i].exists()]
@@ -397,6 +466,7 @@ def score(cfg: ScoreConfig) -> Path | None:
         "excluded": load_report.excluded + truncated_away,
         "seconds_this_rank": round(elapsed, 3),
         "fingerprint": fingerprint,
+        "model_content": made_of["model"],
     }
     _atomic_write_text(json.dumps(report, indent=1), report_path(out))
     if not cfg.keep_shards:
@@ -439,6 +509,135 @@ def _take_merge_lock(parts: Path) -> bool:
             log.warning("%s: taking over a merge left unfinished by an earlier run", lock)
             return True
         return False
+
+
+def _job_key() -> str:
+    """What the ranks of one job share and another job does not: under a launcher, its rendezvous (two jobs on a
+    host cannot share a MASTER_PORT) and SLURM job; a single process is a job of its own."""
+    if world_size() == 1:
+        return f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"
+    env = os.environ
+    keys = ("SLURM_ARRAY_JOB_ID", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT")
+    return ",".join([f"WORLD_SIZE={world_size()}"] + [f"{k}={env[k]}" for k in keys if env.get(k)])
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+class OutputLock:
+    """`<out>.lock`: one invocation of `atlantis score` writes an output at a time.
+
+    Without it two invocations on one output both score everything, and the later one either replaces the
+    earlier's file or trips over its temporary files. The lock holds the holder's pid, host, start time and job
+    key (`_job_key`): the ranks of one multi-rank job share it (they split the shards on purpose), anyone else is
+    refused while its holder lives. A holder proves it lives by touching the lock every `HEARTBEAT_S`: a lock
+    whose pid is dead on this host (a killed run), or that nobody touched for `STALE_AFTER_S` (a run killed on
+    another node, say by a SLURM time limit, whose pid cannot be checked from here) is taken over with a warning.
+    """
+
+    HEARTBEAT_S = 60.0
+    STALE_AFTER_S = 600.0  # ten missed heartbeats; leaves room for clock skew between the nodes of a cluster
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.path = out.with_name(out.name + ".lock")
+        self.key = _job_key()
+        self._stop = threading.Event()
+
+    def acquire(self) -> None:
+        me = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "job": self.key,
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(5):
+            if self._create(json.dumps(me)):
+                return self._beat()
+            holder, age = self._read(), self._age()
+            if holder is None or age is None:  # released between our attempt and the read: try again
+                continue
+            if holder.get("job") == self.key:
+                return self._beat()  # another rank of this job took it
+            pid, host = holder.get("pid"), holder.get("host")
+            if host == me["host"] and isinstance(pid, int) and not _pid_alive(pid):
+                why = "which is gone"
+            elif age > self.STALE_AFTER_S:
+                why = f"which has not touched it for {age:.0f} s"
+            else:
+                raise ScoringError(
+                    f"another process (pid {pid} on host {host}, started {holder.get('started')}) is writing "
+                    f"{self.out}; wait or remove the lock {self.path} if that process is gone"
+                )
+            log.warning(
+                "%s: taking over the lock of pid %s on %s (started %s), %s",
+                self.path,
+                pid,
+                host,
+                holder.get("started"),
+                why,
+            )
+            self.path.unlink(missing_ok=True)
+        raise ScoringError(f"{self.path}: could not take the lock, it keeps changing hands; is a loop rerunning score?")
+
+    def release(self) -> None:
+        """Remove the lock if it is this job's (and stop touching it)."""
+        self.stop()
+        holder = self._read()
+        if holder is not None and holder.get("job") == self.key:
+            self.path.unlink(missing_ok=True)
+
+    def stop(self) -> None:
+        """Stop touching the lock, leaving it in place (for the rank that will merge)."""
+        self._stop.set()
+
+    def _beat(self) -> None:
+        def touch() -> None:
+            while not self._stop.wait(self.HEARTBEAT_S):
+                try:
+                    os.utime(self.path)
+                except FileNotFoundError:  # released by the rank that merged
+                    return
+
+        threading.Thread(target=touch, name=f"lock {self.path.name}", daemon=True).start()
+
+    def _age(self) -> float | None:
+        try:
+            return time.time() - self.path.stat().st_mtime
+        except FileNotFoundError:
+            return None
+
+    def _create(self, text: str) -> bool:
+        """Create the lock with its content in one step (a hard link of a complete file), False if it exists."""
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        tmp.write_text(text)
+        try:
+            os.link(tmp, self.path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _read(self) -> dict | None:
+        try:
+            holder = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ScoringError(
+                f"{self.path} is not a lock written by atlantis score ({err}); remove it if no score run is "
+                f"writing {self.out}"
+            ) from err
+        return holder if isinstance(holder, dict) else {}
 
 
 def report_path(out: Path) -> Path:

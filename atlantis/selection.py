@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from atlantis.config import field
+from atlantis.data import read_text
 from atlantis.log import get_logger
 from atlantis.weights import read_scores
 
@@ -141,7 +142,17 @@ def _dataset_size(cfg: SelectConfig, n_scored: int) -> int:
     return n_scored
 
 
+def _file_with(paths: list[str], column: str) -> str:
+    """The score file holding `column` (for error messages)."""
+    return next((p for p in paths if column in pq.read_schema(p).names), " or ".join(paths))
+
+
 def select(cfg: SelectConfig) -> tuple[pd.DataFrame, dict]:
+    # read_scores refuses a NaN/inf log-prob naming the file, the column and the ids, rather than letting `passing`
+    # drop the sample without a word. Upstream gives a NaN IFD no meaning to follow: Cherry_LLM's `mean_rate > 1`
+    # keeps it and sorts it anywhere, Superfiltering's `ifd < 1` drops it, and the transcription in
+    # test_selection_upstream never meets one. From finite losses IFD is finite or +inf (an overflow), which the
+    # filter drops as both released codes do; a direct loss <= 0 is refused below.
     scores = read_scores(cfg.scores, cfg.allow_missing)
     cols = {r: f"logp_mean_{r}" for r in (cfg.conditioned, cfg.direct)}
     for role, col in cols.items():
@@ -149,12 +160,19 @@ def select(cfg: SelectConfig) -> tuple[pd.DataFrame, dict]:
             raise SelectionError(f"selection needs column {col!r} (role {role}); have {sorted(scores.columns)}")
     loss_c = -scores[cols[cfg.conditioned]].to_numpy()
     loss_d = -scores[cols[cfg.direct]].to_numpy()
+    ids = scores.index.to_numpy()
     ratio, drop, count_of = METHODS[cfg.method]
     ratio = cfg.ratio if cfg.ratio != "auto" else ratio
     drop = cfg.drop if cfg.drop != "auto" else drop
     count_of = cfg.count_of if cfg.count_of != "auto" else count_of
+    if ratio == "loss" and np.any(loss_d <= 0):
+        col = cols[cfg.direct]
+        raise SelectionError(
+            f"score file {_file_with(cfg.scores, col)}: column {col} is >= 0 (a loss <= 0) for "
+            f"{int((loss_d <= 0).sum())} sample(s), e.g. ids {ids[loss_d <= 0][:3].tolist()}; IFD as a loss ratio is "
+            "undefined for them (ratio=ppl is not)"
+        )
     ifd = ifd_scores(loss_c, loss_d, ratio)
-    ids = scores.index.to_numpy()
     valid = passing(ifd, cfg.threshold, drop)
     n_total = _dataset_size(cfg, len(ids))
     k = int(cfg.rate * (len(valid) if count_of == "passing" else n_total))
@@ -216,4 +234,4 @@ def read_subset(path: str | Path) -> list[str]:
         raise SelectionError(f"subset file {path} does not exist")
     if path.suffix == ".parquet":
         return pq.read_table(path, columns=["id"]).column("id").to_pylist()
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return [line.strip() for line in read_text(path).splitlines() if line.strip()]

@@ -483,6 +483,11 @@ def compute(cfg: WeightsConfig) -> tuple[pd.DataFrame, dict]:
     if cfg.compare:
         other = read_weights(cfg.compare).set_index("id")
         common = table.set_index("id").join(other, how="inner", rsuffix="_other")
+        if common.empty:  # the comparison would be NaN, written without a word
+            raise WeightsError(
+                f"compare: the weights file {cfg.compare} and the score files {cfg.scores} share no id (e.g. "
+                f"{sorted(other.index)[:3]} vs {sorted(table['id'])[:3]}); compare weights of the same data"
+            )
         raw, raw_other = np.exp(common["log_weight_raw"]), np.exp(common["log_weight_raw_other"])
         diag["compare"] = {
             "file": cfg.compare,
@@ -538,6 +543,11 @@ def read_weights(path: str | Path) -> pd.DataFrame:
         raise WeightsError(
             f"{path}: {int(bad.sum())} non-finite or negative weight(s), e.g. ids {df['id'][bad].head(3).tolist()}"
         )
+    if len(df) and not (df["weight"] > 0).any():  # `atlantis weights` never writes these: mean 1, or refused
+        raise WeightsError(
+            f"{path}: column weight is 0 for all {len(df)} sample(s), so the weights cannot be normalised (and "
+            "training would learn nothing); recompute them with `atlantis weights`"
+        )
     return df
 
 
@@ -550,4 +560,11 @@ def weights_for(ids: list[str], path: str | Path) -> np.ndarray:
             f"{path}: no weight for {len(missing)} of {len(ids)} sample id(s), e.g. "
             f"{missing[:3]}; the weights were computed for another dataset or subset"
         )
-    return df.loc[ids, "weight"].to_numpy(dtype=np.float64)
+    w = df.loc[ids, "weight"].to_numpy(dtype=np.float64)
+    if len(w) and not (w > 0).any():  # renormalising would divide by 0; plain weighting would learn nothing
+        raise WeightsError(
+            f"{path}: column weight is 0 for every one of the {len(ids)} training sample(s) (e.g. ids {ids[:3]}), "
+            "so they cannot be normalised; these weights leave nothing to train on (recompute them, or train "
+            "on other samples)"
+        )
+    return w

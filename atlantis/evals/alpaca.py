@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from atlantis.config import field
-from atlantis.data import read_jsonl
+from atlantis.data import read_jsonl, read_text
 from atlantis.evals.judge import JudgeConfig, check, redact
 from atlantis.log import get_logger
 
@@ -96,7 +96,7 @@ def read_instructions(path: str | Path) -> dict[str, dict]:
     from atlantis.generate import instruction_id
 
     path = Path(path)
-    rows = json.loads(path.read_text(encoding="utf-8")) if path.suffix == ".json" else read_jsonl(path)
+    rows = json.loads(read_text(path)) if path.suffix == ".json" else read_jsonl(path)
     return {str(r.get("question_id") or instruction_id(r["instruction"])): r for r in rows}
 
 
@@ -105,7 +105,7 @@ def outputs(answers: str | Path, questions: dict, generator: str) -> list[dict]:
     an AlpacaEval JSON file is read as is."""
     path = Path(answers)
     if path.suffix == ".json":
-        return json.loads(path.read_text())
+        return json.loads(read_text(path))
     by_id = {str(a["question_id"]): a for a in read_jsonl(path)}
     missing = [qid for qid in questions if qid not in by_id]
     if missing:

@@ -44,7 +44,7 @@ import numpy as np
 
 from atlantis import provenance
 from atlantis.config import field
-from atlantis.data import read_jsonl
+from atlantis.data import decode_line, read_jsonl
 from atlantis.evals.judge import JudgeConfig, JudgeError, chat, check, public, redact
 from atlantis.log import get_logger
 
@@ -393,12 +393,14 @@ def _load_cache(path: Path, judge_model: str) -> dict[tuple[str, int], dict]:
             continue
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             if lineno == len(lines):  # no newline after it: the write was interrupted
                 log.warning("%s:%d: dropping an incomplete last line (an interrupted run)", path, lineno)
                 with path.open("r+b") as fh:
                     fh.truncate(len(raw) - len(line))
                 break
+            if isinstance(err, UnicodeDecodeError):
+                decode_line(line, path, lineno)  # raises, naming the line and the byte
             raise ArenaHardError(f"{path}:{lineno}: malformed JSON ({err.msg}); fix or remove the line") from None
         if rec.get("judge_model") != judge_model:
             raise ArenaHardError(

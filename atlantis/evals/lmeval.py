@@ -51,6 +51,7 @@ from lm_eval.api.registry import register_model
 
 from atlantis import provenance
 from atlantis.config import field
+from atlantis.data import iter_lines, parse_json_line
 from atlantis.log import get_logger
 
 log = get_logger(__name__)
@@ -261,10 +262,10 @@ def local_truthfulqa_configs(data_file: str | Path | None, task_manager) -> list
     path = Path(data_file)
     if not path.is_file():
         raise LmEvalError(f"truthfulqa={path}: no such file")
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if path.suffix != ".jsonl" or not line.strip():
+    for lineno, line in iter_lines(path) if path.suffix == ".jsonl" else ():
+        if not line.strip():
             continue
-        rec = json.loads(line)
+        rec = parse_json_line(line, path, lineno)
         for key in ("question", "mc1_targets", "mc2_targets"):
             if key not in rec:  # lm-eval would fail later, inside a Jinja template, without saying where
                 raise LmEvalError(f"{path}:{lineno}: no field {key!r} (the Hub set's multiple_choice format)")
