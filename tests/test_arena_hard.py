@@ -339,6 +339,11 @@ def test_redact_masks_keys_and_tokens(monkeypatch):
     assert redact("key=plain-looking-key-xyz!") == "key=***!"
     assert redact("Authorization: Bearer abc.def") == "Authorization: Bearer ***"
     assert redact("token sk-abcdefghijklmnop end") == "token *** end"
+    # fragments a server echoes: the key's head or tail (8+ characters), or the key half-masked with asterisks
+    assert redact("Incorrect API key provided: plain-looking-key***") == "Incorrect API key provided: ***"
+    assert redact("key ends in ...ng-key-xyz.") == "key ends in ...***."
+    assert redact("Incorrect API key provided: sk-proj-********abcd.") == "Incorrect API key provided: ***."
+    assert redact("the key looks fine") == "the key looks fine"  # short runs are words, not fragments
 
 
 # -------------------------------------------------------------------------------------------- run
@@ -436,3 +441,26 @@ def test_inputs_are_validated(tmp_path):
     )
     with pytest.raises(ah.ArenaHardError, match="one model"):
         ah.load_answers(mixed)
+
+
+def test_a_hung_judge_fails_after_the_timeout_with_a_message(monkeypatch):
+    """A server that accepts and never answers: each attempt waits `judge.timeout` (a setting; default 120 s, not
+    300 s), then the error says it timed out and after how many attempts."""
+    import time
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    monkeypatch.setenv(KEY_ENV, KEY)
+    try:
+        cfg = JudgeConfig(base_url=f"http://127.0.0.1:{listener.getsockname()[1]}/v1", api_key_env=KEY_ENV,
+                          timeout=0.5, retries=1, backoff=0.01)  # fmt: skip
+        start = time.monotonic()
+        with pytest.raises(
+            JudgeError, match=r"failed after 2 attempt\(s\): no reply within judge.timeout=0.5 s \(timed out\)"
+        ):
+            chat(cfg, [{"role": "user", "content": "hi"}])
+        assert 1.0 <= time.monotonic() - start < 5
+    finally:
+        listener.close()
+    assert JudgeConfig.__dataclass_fields__["timeout"].default == 120.0

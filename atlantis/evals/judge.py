@@ -37,7 +37,12 @@ _SECRETS_LOCK = threading.Lock()
 _TOKEN_PATTERNS = (
     re.compile(r"(?i)(bearer\s+)[^\s\"',]+"),
     re.compile(r"\bsk-[A-Za-z0-9_\-]{8,}"),
+    # a key a server echoes half-masked ("Incorrect API key provided: sk-proj-****…abcd"): the whole token
+    re.compile(r"[A-Za-z0-9_\-]*\*{4,}[A-Za-z0-9_\-]*"),
 )
+# A run of key characters this long that occurs in a key read here is a fragment of it (a server quoting the
+# key's head or tail); shorter runs are too likely to be ordinary words.
+_FRAGMENT = re.compile(r"[A-Za-z0-9_\-]{8,}")
 # HTTP statuses worth retrying: rate limit and transient server errors.
 _RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 # Local judges `judge.local` can name (served by atlantis.evals.local_judge for the duration of a run).
@@ -60,7 +65,9 @@ class JudgeConfig:
     )
     temperature: float = field(0.0, help="Sampling temperature of the judge (Arena-Hard-Auto: 0).")
     max_tokens: int = field(4096, help="Most tokens per judge reply (Arena-Hard-Auto v0.1: 4096).")
-    timeout: float = field(300.0, help="Seconds to wait for one reply.")
+    # A judgment is at most a few hundred tokens (the verdict, a short explanation): GPT-4-class endpoints answer in
+    # well under a minute. 120 s leaves room for a slow one, and a hung server costs 2 minutes per attempt, not 5.
+    timeout: float = field(120.0, help="Seconds to wait for one reply (each retry waits again).")
     retries: int = field(5, help="Retries of a rate-limited, failed (5xx) or timed-out request.")
     backoff: float = field(2.0, help="Seconds before the first retry; doubled for each further one.")
     local: str | None = field(
@@ -94,8 +101,11 @@ def redact(text: str) -> str:
         secrets = sorted(_SECRETS, key=len, reverse=True)
     for secret in secrets:
         text = text.replace(secret, MASK)
+    if secrets:
+        text = _FRAGMENT.sub(lambda m: MASK if any(m.group(0) in s for s in secrets) else m.group(0), text)
     text = _TOKEN_PATTERNS[0].sub(lambda m: m.group(1) + MASK, text)
-    return _TOKEN_PATTERNS[1].sub(MASK, text)
+    text = _TOKEN_PATTERNS[1].sub(MASK, text)
+    return _TOKEN_PATTERNS[2].sub(MASK, text)
 
 
 def public(cfg: JudgeConfig) -> dict[str, Any]:
@@ -202,7 +212,11 @@ def _request(cfg: JudgeConfig, url: str, payload: dict[str, Any] | None, retries
             if isinstance(reason, socket.gaierror):
                 raise JudgeError(redact(f"cannot reach the judge endpoint {where}: unknown host ({reason})")) from None
             problem = f"{type(reason).__name__}: {reason}"
-        except (TimeoutError, ConnectionError, OSError) as err:  # read timeout, reset connection
+            if isinstance(reason, TimeoutError):
+                problem = f"no reply within judge.timeout={cfg.timeout:g} s ({reason})"
+        except TimeoutError as err:  # a read timeout: the setting that decides it, in the message
+            problem = f"no reply within judge.timeout={cfg.timeout:g} s ({err})"
+        except (ConnectionError, OSError) as err:  # reset connection
             problem = f"{type(err).__name__}: {err}"
         if attempt == retries:
             raise JudgeError(redact(f"judge endpoint {where} failed after {retries + 1} attempt(s): {problem}"))
