@@ -17,6 +17,7 @@ recomputed in the backward pass, so no `[batch, seq, vocab]` fp32 logits are bui
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -143,7 +144,7 @@ class TrainConfig:
         help="Linear warm-up optimizer steps, then linear decay to 0. Unset: the preset's (see table6_steps), else 0.",
     )
     weight_decay: float = field(0.0, help="AdamW weight decay.")
-    max_grad_norm: float = field(1.0, help="Gradient clipping.")
+    max_grad_norm: float = field(1.0, help="Gradient clipping (global L2 norm); 0: no clipping.")
     seed: int = field(0, help="Seed (paper: 0).")
     dtype: Literal["auto", "float32", "bfloat16"] = field(
         "auto", help="Mixed precision: auto is bf16 on GPU, fp32 on CPU (the Trainer's and DeepSpeed's bf16 flag)."
@@ -182,22 +183,29 @@ class TrainConfig:
             raise ValueError("method=atlantis needs weights=FILE (from `atlantis weights`)")
         if self.method == "sft" and self.weights:
             raise ValueError("method=sft trains unweighted; drop weights= or use method=atlantis")
+        self.validate(given_only=True)  # first the values given: the preset's step schedule divides by grad_accum
         self._apply_preset()
-        for name in ("per_device_batch_size", "grad_accum", "loss_chunk", "logging_steps", "save_steps"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive")
-        if self.learning_rate <= 0:
-            raise ValueError("learning_rate must be positive")
-        if self.max_steps == 0 or self.max_steps < -1:
-            raise ValueError(f"max_steps must be positive, or -1 to run num_train_epochs; got {self.max_steps}")
-        if self.warmup_steps < 0:
-            raise ValueError("warmup_steps must be >= 0")
+        self.validate()
         if 0 < self.max_steps <= self.warmup_steps:
             log.warning(
                 "warmup_steps=%d >= max_steps=%d: the learning rate never reaches its peak",
                 self.warmup_steps,
                 self.max_steps,
             )
+
+    def validate(self, given_only: bool = False) -> None:
+        """Refuse, naming the setting, its value and the allowed range, any value the Trainer would take
+        silently: num_train_epochs=0 trains nothing and writes the base model as the final one, a negative
+        max_grad_norm turns clipping off. Called on construction and again by `train`, before any model loads
+        (a dataclass can be changed after construction)."""
+        for name, (ok, allowed) in SETTING_RANGES.items():
+            if name.startswith("lora.") and not self.lora.enabled:
+                continue
+            value = getattr(self.lora, name[5:]) if name.startswith("lora.") else getattr(self, name)
+            if given_only and value is None and name in UNPRESET_DEFAULTS:
+                continue  # not given: the preset (or its default) fills it
+            if not ok(value):
+                raise TrainError(f"{name} must be {allowed}; got {value!r}")
 
     def _apply_preset(self) -> None:
         """Fill every preset setting left unset (None) from the preset, else from UNPRESET_DEFAULTS.
@@ -220,6 +228,36 @@ class TrainConfig:
                     filled[name] = schedule[name]
                     setattr(self, name, filled[name])
         self.from_preset = {k: v for k, v in filled.items() if k in preset}
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(value, at_least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= at_least
+
+
+# What each setting accepts, checked by `TrainConfig.validate`: a test, and the range the error names.
+SETTING_RANGES = {
+    "num_train_epochs": (lambda v: _finite(v) and v > 0, "a number > 0"),
+    "max_steps": (lambda v: _integer(v, -1) and v != 0, "positive, or -1 to run num_train_epochs"),
+    "per_device_batch_size": (lambda v: _integer(v, 1), "an integer >= 1"),
+    "grad_accum": (lambda v: _integer(v, 1), "an integer >= 1"),
+    "learning_rate": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "warmup_steps": (lambda v: _integer(v, 0), "an integer >= 0"),
+    "weight_decay": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    # the Trainer clips only when max_grad_norm > 0: 0 is its "off", a negative value is a typo it would take as off
+    "max_grad_norm": (lambda v: _finite(v) and v >= 0, "a finite number > 0, or 0 for no clipping"),
+    "seed": (lambda v: _integer(v, 0) and v < 2**32, "an integer in [0, 2**32)"),  # numpy's seeds are 32-bit
+    "loss_chunk": (lambda v: v is None or _integer(v, 1), "an integer >= 1, or unset"),
+    "logging_steps": (lambda v: _integer(v, 1), "an integer >= 1"),
+    "save_steps": (lambda v: _integer(v, 1), "an integer >= 1"),
+    "save_total_limit": (lambda v: v is None or _integer(v, 1), "an integer >= 1, or null to keep every checkpoint"),
+    "lora.r": (lambda v: _integer(v, 1), "an integer >= 1"),  # lora.*: checked when LoRA is enabled
+    "lora.alpha": (lambda v: _finite(v) and v > 0, "a number > 0"),
+    "lora.dropout": (lambda v: _finite(v) and 0 <= v < 1, "a number in [0, 1)"),
+}
 
 
 def table6_schedule(
