@@ -776,8 +776,8 @@ def _is_disk_full(err: BaseException | None) -> bool:
 
 @contextmanager
 def _saving(staging: Path, out: Path, what: str):
-    """Turn a full disk while writing `what` into `staging`, however the writer reports it, into one line that
-    says what to do."""
+    """Turn a full disk while writing `out/what` (into `staging`), however the writer reports it, into one line
+    that says what to do."""
     try:
         yield
     except Exception as err:
@@ -787,9 +787,8 @@ def _saving(staging: Path, out: Path, what: str):
         complete, _ = _checkpoints(out)
         detail = " ".join(str(err).split())[:200]
         raise TrainError(
-            f"{out}: the disk is full while writing {what} ({_free_space(out)}; {type(err).__name__}: {detail}). "
-            "Free space there"
-            + (f"; the incomplete {what} was set aside as {aside.name} (delete it to free its space)" if aside else "")
+            f"{out / what}: the disk is full ({_free_space(out)}; {type(err).__name__}: {detail}). Free space there"
+            + (f"; the partial save was set aside as {aside} (delete it to free its space)" if aside else "")
             + "; rerunning with the same settings resumes from "
             + (
                 f"{complete[-1].name}, the last complete checkpoint"
@@ -901,9 +900,10 @@ def _finished(cfg: TrainConfig) -> bool:
     return True
 
 
-def _resume_from(cfg: TrainConfig) -> str | None:
+def _resume_from(cfg: TrainConfig, current: dict | None = None) -> str | None:
     """The checkpoint to resume from: with `auto`, the last complete one in `out` (incomplete ones are skipped,
-    and set aside by `_tidy`); with a path, that one, which must be complete."""
+    and set aside by `_tidy`); with a path, that one, which must be complete. `current`: this run's fingerprint,
+    if computed already."""
     if cfg.resume == "none":
         return None
     if cfg.resume != "auto":
@@ -921,7 +921,7 @@ def _resume_from(cfg: TrainConfig) -> str | None:
     if complete and recorded is not None:
         if "inputs" not in recorded:
             log.warning("%s/run_settings.json predates hashing the inputs: only the settings are compared", out)
-        changed = _changes(recorded, _settings_fingerprint(cfg, recorded))
+        changed = _changes(recorded, current or _settings_fingerprint(cfg, recorded))
         if changed:
             raise TrainError(
                 f"{cfg.out} holds checkpoints of a run with other settings ({changed}); they are "
@@ -982,12 +982,12 @@ def _train(cfg: TrainConfig, callbacks: list | None):
         log.info("%s=%s from preset %s (Table 6, steps read as %s)", name, value, cfg.preset, cfg.table6_steps)
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     dataset = build_dataset(cfg, tokenizer)  # all data and weight errors surface before the model loads
-    resume_from = _resume_from(cfg)  # and a refused resume too
-    fingerprint = None
+    # rank 0 records the fingerprint; the others compute it only to compare with a recorded one
+    fingerprint = _settings_fingerprint(cfg, _read_json(out / "run_settings.json")) if rank() == 0 else None
+    resume_from = _resume_from(cfg, fingerprint)  # a refused resume too surfaces before the model loads
     if rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
         _tidy(out, _checkpoints(out)[1])
-        fingerprint = _settings_fingerprint(cfg, _read_json(out / "run_settings.json"))
         _write_json(out / "run_settings.json", fingerprint)
     if (
         resolve_deepspeed(cfg.deepspeed)
@@ -1045,7 +1045,7 @@ def _train(cfg: TrainConfig, callbacks: list | None):
     # Written into tmp-final and renamed: a `final` folder is always complete (the workflow's output, and what
     # a rerun takes as done).
     final, staging = out / "final", out / f"{STAGING}final"
-    with _saving(staging, out, "the final model"):
+    with _saving(staging, out, "final"):
         if cfg.lora.enabled and not trainer.is_deepspeed_enabled:
             # A LoRA run's final model is the merged model, loadable like any other (score, generate, lm-eval).
             merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
