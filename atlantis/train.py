@@ -17,7 +17,6 @@ recomputed in the backward pass, so no `[batch, seq, vocab]` fp32 logits are bui
 from __future__ import annotations
 
 import errno
-import itertools
 import json
 import math
 import os
@@ -649,12 +648,12 @@ def _safetensors_problem(path: Path) -> str | None:
     try:
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n)) if 8 + n <= size else None
-    except (OSError, ValueError):
-        header = None
-    if not isinstance(header, dict):
+            header = json.loads(f.read(n)) if 8 + n <= size else {}
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=None)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        end = None
+    if end is None:
         return f"{path.name} has no readable header"
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     return None if 8 + n + end <= size else f"{path.name} is truncated ({size} of {8 + n + end} bytes)"
 
 
@@ -685,13 +684,10 @@ def _checkpoint_problem(folder: Path) -> str | None:
     global_stepN/*optim_states.pt named by `latest`, and there the weights too when ZeRO-3 does not gather
     them) and the RNG states. The Trainer itself resumes without an optimizer file, silently, with fresh moments.
     """
-    state = _read_json(folder / "trainer_state.json")
-    if state is None or "global_step" not in state:
-        return (
-            "no trainer_state.json"
-            if not (folder / "trainer_state.json").is_file()
-            else "trainer_state.json is unreadable"
-        )
+    if not (folder / "trainer_state.json").is_file():
+        return "no trainer_state.json"
+    if "global_step" not in (_read_json(folder / "trainer_state.json") or {}):
+        return "trainer_state.json is unreadable"
     latest = folder / "latest"
     if latest.is_file():
         tag = folder / latest.read_text().strip()
@@ -727,12 +723,10 @@ def _set_aside(path: Path) -> Path | None:
     `incomplete-checkpoint-N-<time>`, not `checkpoint-N.incomplete`: the Trainer's rotation globs checkpoint-*,
     and would count such a folder against save_total_limit and delete it (or a complete one) in its stead.
     """
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    aside = path.with_name(f"{ASIDE}{path.name.removeprefix(STAGING)}-{stamp}")
-    for i in itertools.count(1):
-        if not aside.exists():
-            break
-        aside = path.with_name(f"{ASIDE}{path.name.removeprefix(STAGING)}-{stamp}-{i}")
+    name = f"{ASIDE}{path.name.removeprefix(STAGING)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside, i = path.with_name(name), 1
+    while aside.exists():
+        aside, i = path.with_name(f"{name}-{i}"), i + 1
     try:
         path.rename(aside)
     except FileNotFoundError:
@@ -801,7 +795,7 @@ def _saving(staging: Path, out: Path, what: str):
 def _publish(staging: Path, target: Path) -> None:
     """Rename a finished `tmp-` folder into place, replacing an earlier run's folder of that name (resume=none)."""
     if target.exists():
-        log.info("replacing %s, written by an earlier run in this folder", target)
+        log.info("replacing the earlier %s", target)
         shutil.rmtree(target)
     staging.rename(target)
 
@@ -811,10 +805,13 @@ def _input_files(cfg: TrainConfig) -> dict[str, tuple[Path, list[Path]]]:
     roles = {}
     model = Path(cfg.model).expanduser()
     if model.is_dir():  # a Hub id is not hashed: its revision pins its content
-        roles["model"] = (model, sorted({p for g in MODEL_FILE_GLOBS for p in model.glob(g) if p.is_file()}))
+        files = sorted({p for g in MODEL_FILE_GLOBS for p in model.glob(g) if p.is_file()})
+        if any(p.suffix == ".safetensors" for p in files):  # what transformers loads; a .bin copy would double the time
+            files = [p for p in files if not p.name.startswith("pytorch_model")]
+        roles["model"] = (model, files)
     data = Path(cfg.data.path).expanduser()
-    if data.is_dir():  # a `datasets` save_to_disk folder
-        roles["data"] = (data, sorted(p for p in data.rglob("*") if p.is_file()))
+    if data.is_dir():  # a `datasets` save_to_disk folder; not the cache-* files `datasets` may add beside the data
+        roles["data"] = (data, sorted(p for p in data.rglob("*") if p.is_file() and not p.name.startswith("cache-")))
     elif data.is_file():
         roles["data"] = (data.parent, [data])
     for role, spec in (("weights", cfg.weights), ("subset", cfg.subset)):
@@ -1059,6 +1056,7 @@ def _train(cfg: TrainConfig, callbacks: list | None):
                 # a template): generation then renders prompts with it and stops at its end-of-turn token.
                 tokenizer.chat_template = dataset.template
             tokenizer.save_pretrained(staging)
+    trainer.accelerator.wait_for_everyone()  # ZeRO-3 without 16-bit gathering: every rank writes its partition
     if trainer.is_world_process_zero():
         _publish(staging, final)
         record = {
