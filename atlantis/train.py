@@ -16,10 +16,16 @@ recomputed in the backward pass, so no `[batch, seq, vocab]` fp32 logits are bui
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
+import re
 import shutil
 import socket
+import time
+import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -32,12 +38,13 @@ from torch.utils.checkpoint import checkpoint
 from atlantis import config as config_lib
 from atlantis.config import field
 from atlantis.data import DataConfig, load_samples
-from atlantis.log import get_logger
+from atlantis.log import get_logger, rank
 from atlantis.loss import IGNORE_INDEX, weighted_loss
 from atlantis.models import check_model_source, finalize_logits, load_tokenizer
+from atlantis.provenance import file_sha256
 from atlantis.render import RenderConfig, Renderer
 from atlantis.selection import read_subset
-from atlantis.weights import excluded_ids, renormalize, weight_bounds, weights_for
+from atlantis.weights import diagnostics_path, excluded_ids, renormalize, weight_bounds, weights_for
 
 log = get_logger(__name__)
 
@@ -143,7 +150,7 @@ class TrainConfig:
         help="Linear warm-up optimizer steps, then linear decay to 0. Unset: the preset's (see table6_steps), else 0.",
     )
     weight_decay: float = field(0.0, help="AdamW weight decay.")
-    max_grad_norm: float = field(1.0, help="Gradient clipping.")
+    max_grad_norm: float = field(1.0, help="Gradient clipping (global L2 norm); 0: no clipping.")
     seed: int = field(0, help="Seed (paper: 0).")
     dtype: Literal["auto", "float32", "bfloat16"] = field(
         "auto", help="Mixed precision: auto is bf16 on GPU, fp32 on CPU (the Trainer's and DeepSpeed's bf16 flag)."
@@ -182,22 +189,29 @@ class TrainConfig:
             raise ValueError("method=atlantis needs weights=FILE (from `atlantis weights`)")
         if self.method == "sft" and self.weights:
             raise ValueError("method=sft trains unweighted; drop weights= or use method=atlantis")
+        self.validate(given_only=True)  # first the values given: the preset's step schedule divides by grad_accum
         self._apply_preset()
-        for name in ("per_device_batch_size", "grad_accum", "loss_chunk", "logging_steps", "save_steps"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive")
-        if self.learning_rate <= 0:
-            raise ValueError("learning_rate must be positive")
-        if self.max_steps == 0 or self.max_steps < -1:
-            raise ValueError(f"max_steps must be positive, or -1 to run num_train_epochs; got {self.max_steps}")
-        if self.warmup_steps < 0:
-            raise ValueError("warmup_steps must be >= 0")
+        self.validate()
         if 0 < self.max_steps <= self.warmup_steps:
             log.warning(
                 "warmup_steps=%d >= max_steps=%d: the learning rate never reaches its peak",
                 self.warmup_steps,
                 self.max_steps,
             )
+
+    def validate(self, given_only: bool = False) -> None:
+        """Refuse, naming the setting, its value and the allowed range, any value the Trainer would take
+        silently: num_train_epochs=0 trains nothing and writes the base model as the final one, a negative
+        max_grad_norm turns clipping off. Called on construction and again by `train`, before any model loads
+        (a dataclass can be changed after construction)."""
+        for name, (ok, allowed) in SETTING_RANGES.items():
+            if name.startswith("lora.") and not self.lora.enabled:
+                continue
+            value = getattr(self.lora, name[5:]) if name.startswith("lora.") else getattr(self, name)
+            if given_only and value is None and name in UNPRESET_DEFAULTS:
+                continue  # not given: the preset (or its default) fills it
+            if not ok(value):
+                raise TrainError(f"{name} must be {allowed}; got {value!r}")
 
     def _apply_preset(self) -> None:
         """Fill every preset setting left unset (None) from the preset, else from UNPRESET_DEFAULTS.
@@ -220,6 +234,36 @@ class TrainConfig:
                     filled[name] = schedule[name]
                     setattr(self, name, filled[name])
         self.from_preset = {k: v for k, v in filled.items() if k in preset}
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(value, at_least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= at_least
+
+
+# What each setting accepts, checked by `TrainConfig.validate`: a test, and the range the error names.
+SETTING_RANGES = {
+    "num_train_epochs": (lambda v: _finite(v) and v > 0, "a number > 0"),
+    "max_steps": (lambda v: _integer(v, -1) and v != 0, "positive, or -1 to run num_train_epochs"),
+    "per_device_batch_size": (lambda v: _integer(v, 1), "an integer >= 1"),
+    "grad_accum": (lambda v: _integer(v, 1), "an integer >= 1"),
+    "learning_rate": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "warmup_steps": (lambda v: _integer(v, 0), "an integer >= 0"),
+    "weight_decay": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    # the Trainer clips only when max_grad_norm > 0: 0 is its "off", a negative value is a typo it would take as off
+    "max_grad_norm": (lambda v: _finite(v) and v >= 0, "a finite number > 0, or 0 for no clipping"),
+    "seed": (lambda v: _integer(v, 0) and v < 2**32, "an integer in [0, 2**32)"),  # numpy's seeds are 32-bit
+    "loss_chunk": (lambda v: v is None or _integer(v, 1), "an integer >= 1, or unset"),
+    "logging_steps": (lambda v: _integer(v, 1), "an integer >= 1"),
+    "save_steps": (lambda v: _integer(v, 1), "an integer >= 1"),
+    "save_total_limit": (lambda v: v is None or _integer(v, 1), "an integer >= 1, or null to keep every checkpoint"),
+    "lora.r": (lambda v: _integer(v, 1), "an integer >= 1"),  # lora.*: checked when LoRA is enabled
+    "lora.alpha": (lambda v: _finite(v) and v > 0, "a number > 0"),
+    "lora.dropout": (lambda v: _finite(v) and 0 <= v < 1, "a number in [0, 1)"),
+}
 
 
 def table6_schedule(
@@ -383,10 +427,46 @@ def _trainer_class():
             super().__init__(*args, **kwargs)
             self.verified = not verify
             self.normalization = normalization
+            self._staging_dir: str | None = None  # set while a checkpoint is written (see _save_checkpoint)
             self.loss_chunk = loss_chunk
             # Our compute_loss normalises by num_items_in_batch itself: tell the Trainer to count it and not
             # to divide by the accumulation steps again.
             self.model_accepts_loss_kwargs = True
+
+        def _get_output_dir(self, trial) -> str:
+            return self._staging_dir or super()._get_output_dir(trial)
+
+        def _save_checkpoint(self, model, trial) -> None:
+            """The Trainer's checkpoint, written into tmp-checkpoint-N/ and renamed to checkpoint-N once complete:
+            a run killed while saving leaves no checkpoint-N that looks resumable but is not."""
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+            out = Path(self.args.output_dir)
+            name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            staging = out / f"{STAGING}{name}"
+            self._staging_dir = str(staging)
+            try:
+                with _saving(staging, out, name):
+                    super()._save_checkpoint(model, trial)
+            finally:
+                self._staging_dir = None
+            self.accelerator.wait_for_everyone()  # every rank's files are in (RNG states, ZeRO partitions)
+            if self.args.should_save:
+                _publish(staging / name, out / name)
+                staging.rmdir()
+                # the Trainer rotated inside the staging folder, where it saw this checkpoint only
+                rotate_checkpoints(
+                    str(out), self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True
+                )
+            self.accelerator.wait_for_everyone()
+
+        def _run_epoch(self, *args, **kwargs):
+            # Resumed from the checkpoint saved at max_steps (a run killed while writing its final model), the
+            # Trainer trains one step beyond max_steps when that step falls mid-epoch: there is nothing to train.
+            if 0 < self.state.max_steps <= self.state.global_step:
+                self.control.should_training_stop = True
+                return None
+            return super()._run_epoch(*args, **kwargs)
 
         def _verify(self, model, inputs, labels, nll, mask):
             """Once: our chunked response NLL equals the model's own causal-LM loss, on the first row's first
@@ -522,33 +602,337 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _settings_fingerprint(cfg: TrainConfig) -> dict:
-    """What must not change between a run and its resumption (not: out, resume, logging, saving)."""
+# ------------------------------------------------------------------------------- run state, crash safety
+#
+# A checkpoint or the final model is written into a `tmp-` folder and renamed into place once complete, so
+# that `checkpoint-N` and `final` are complete or absent: a run killed while saving (or a full disk) leaves only
+# a `tmp-` folder, which the next start sets aside. Set aside, not deleted: it may be the only trace of what
+# went wrong, and deleting hundreds of GB unasked is not ours to decide; the warning says it can go.
+
+STAGING = "tmp-"  # prefix of a folder being written
+ASIDE = "incomplete-"  # prefix of an interrupted save, set aside
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+# Inputs hashed into the run's fingerprint: the model folder's files that transformers reads (weights, configs,
+# tokenizer, remote code), not READMEs or the `original/` copies some repositories ship.
+MODEL_FILE_GLOBS = ("*.safetensors", "*.bin", "*.json", "*.model", "*.txt", "*.tiktoken", "*.jinja", "*.py")
+# A short write, as each writer reports it: torch's zip writer loses the errno ("unexpected pos N vs M"),
+# safetensors wraps it ("No space left on device (os error 28)").
+DISK_FULL_TEXT = ("no space left on device", "disk quota exceeded", "os error 28", "os error 122", "unexpected pos")
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _write_json(path: Path, value) -> None:
+    """Write whole or not at all: a reader (another rank, the next run) never sees half a file."""
+    tmp = path.with_name(f"{STAGING}{path.name}")
+    tmp.write_text(json.dumps(value, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def _zip_problem(path: Path) -> str | None:
+    # torch.save writes a zip whose directory is at the end: a truncated file has none
+    if not path.is_file():
+        return f"no {path.name}"
+    return None if zipfile.is_zipfile(path) else f"{path.name} is truncated"
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Whether the file holds every byte its header promises (a truncated file loads as garbage or not at all)."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n)) if 8 + n <= size else {}
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=None)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        end = None
+    if end is None:
+        return f"{path.name} has no readable header"
+    return None if 8 + n + end <= size else f"{path.name} is truncated ({size} of {8 + n + end} bytes)"
+
+
+def _weights_problem(folder: Path) -> str | None:
+    """Why `folder` holds no complete model weights (full, sharded or a LoRA adapter), or None."""
+    for stem in ("model", "adapter_model", "pytorch_model"):
+        index = _read_json(folder / f"{stem}.safetensors.index.json") or _read_json(folder / f"{stem}.bin.index.json")
+        files = sorted(set(index.get("weight_map", {}).values())) if index else []
+        if not index:
+            files = [f"{stem}.{ext}" for ext in ("safetensors", "bin") if (folder / f"{stem}.{ext}").is_file()][:1]
+        for name in files:
+            path = folder / name
+            if not path.is_file():
+                return f"no {name} (named by the index)"
+            problem = _safetensors_problem(path) if name.endswith(".safetensors") else _zip_problem(path)
+            if problem:
+                return problem
+        if files:
+            return None
+    return "no model weights"
+
+
+def _checkpoint_problem(folder: Path) -> str | None:
+    """Why `folder` is not a checkpoint to resume from, or None.
+
+    Complete: the Trainer's state (written last) parses, the weights are whole, and the training state is
+    there: AdamW moments and the scheduler (optimizer.pt, scheduler.pt; under DeepSpeed the engine's
+    global_stepN/*optim_states.pt named by `latest`, and there the weights too when ZeRO-3 does not gather
+    them) and the RNG states. The Trainer itself resumes without an optimizer file, silently, with fresh moments.
+    """
+    if not (folder / "trainer_state.json").is_file():
+        return "no trainer_state.json"
+    if "global_step" not in (_read_json(folder / "trainer_state.json") or {}):
+        return "trainer_state.json is unreadable"
+    latest = folder / "latest"
+    if latest.is_file():
+        tag = folder / latest.read_text().strip()
+        states = sorted(tag.glob("*optim_states.pt")) if tag.is_dir() else []
+        if not states:
+            return f"DeepSpeed checkpoint {tag.name} has no optimizer states"
+        problem = next(filter(None, map(_zip_problem, states + sorted(tag.glob("*model_states.pt")))), None)
+    else:
+        problem = (
+            _weights_problem(folder) or _zip_problem(folder / "optimizer.pt") or _zip_problem(folder / "scheduler.pt")
+        )
+    if problem:
+        return problem
+    rng = sorted(folder.glob("rng_state*.pth"))
+    return next(filter(None, map(_zip_problem, rng)), None) if rng else "no rng_state.pth"
+
+
+def _checkpoints(out: Path) -> tuple[list[Path], dict[Path, str]]:
+    """The complete checkpoints in `out` by step, and the incomplete ones with what they lack."""
+    found = sorted((int(m.group(1)), p) for p in out.glob("checkpoint-*") if (m := CHECKPOINT_RE.match(p.name)))
+    complete, incomplete = [], {}
+    for _, path in found:
+        if path.is_dir() and (problem := _checkpoint_problem(path)) is None:
+            complete.append(path)
+        elif path.is_dir():
+            incomplete[path] = problem
+    return complete, incomplete
+
+
+def _set_aside(path: Path) -> Path | None:
+    """Rename an interrupted save out of the way; None if another rank got there first.
+
+    `incomplete-checkpoint-N-<time>`, not `checkpoint-N.incomplete`: the Trainer's rotation globs checkpoint-*,
+    and would count such a folder against save_total_limit and delete it (or a complete one) in its stead.
+    """
+    name = f"{ASIDE}{path.name.removeprefix(STAGING)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside, i = path.with_name(name), 1
+    while aside.exists():
+        aside, i = path.with_name(f"{name}-{i}"), i + 1
+    try:
+        path.rename(aside)
+    except FileNotFoundError:
+        return None
+    return aside
+
+
+def _tidy(out: Path, incomplete: dict[Path, str]) -> None:
+    """Set aside what interrupted saves left in `out` (rank 0 only): `tmp-` folders and incomplete checkpoints."""
+    leftovers = dict(incomplete)
+    for path in sorted(out.glob(f"{STAGING}checkpoint-*")) + [out / f"{STAGING}final"]:
+        if path.is_dir():
+            leftovers[path] = "an interrupted save"
+    moved = [f"{p.name} ({why}) -> {aside.name}" for p, why in leftovers.items() if (aside := _set_aside(p))]
+    if moved:
+        log.warning(
+            "%s: set aside %d incomplete folder(s) that an interrupted run left (not resumable; delete them to "
+            "free space): %s",
+            out,
+            len(moved),
+            "; ".join(moved),
+        )
+
+
+def _free_space(folder: Path) -> str:
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("/"))
+    return f"{shutil.disk_usage(existing).free / 2**30:.2f} GiB free"
+
+
+def _is_disk_full(err: BaseException | None) -> bool:
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(text in str(err).lower() for text in DISK_FULL_TEXT):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+@contextmanager
+def _saving(staging: Path, out: Path, what: str):
+    """Turn a full disk while writing `out/what` (into `staging`), however the writer reports it, into one line
+    that says what to do."""
+    try:
+        yield
+    except Exception as err:
+        if not _is_disk_full(err):
+            raise
+        aside = _set_aside(staging) if staging.exists() else None
+        complete, _ = _checkpoints(out)
+        detail = " ".join(str(err).split())[:200]
+        raise TrainError(
+            f"{out / what}: the disk is full ({_free_space(out)}; {type(err).__name__}: {detail}). Free space there"
+            + (f"; the partial save was set aside as {aside} (delete it to free its space)" if aside else "")
+            + "; rerunning with the same settings resumes from "
+            + (
+                f"{complete[-1].name}, the last complete checkpoint"
+                if complete
+                else "the start (no complete checkpoint)"
+            )
+        ) from err
+
+
+def _publish(staging: Path, target: Path) -> None:
+    """Rename a finished `tmp-` folder into place, replacing an earlier run's folder of that name (resume=none)."""
+    if target.exists():
+        log.info("replacing the earlier %s", target)
+        shutil.rmtree(target)
+    staging.rename(target)
+
+
+def _input_files(cfg: TrainConfig) -> dict[str, tuple[Path, list[Path]]]:
+    """The files whose bytes make the trained model, by role: the role's folder and its files."""
+    roles = {}
+    model = Path(cfg.model).expanduser()
+    if model.is_dir():  # a Hub id is not hashed: its revision pins its content
+        files = sorted({p for g in MODEL_FILE_GLOBS for p in model.glob(g) if p.is_file()})
+        if any(p.suffix == ".safetensors" for p in files):  # what transformers loads; a .bin copy would double the time
+            files = [p for p in files if not p.name.startswith("pytorch_model")]
+        roles["model"] = (model, files)
+    data = Path(cfg.data.path).expanduser()
+    if data.is_dir():  # a `datasets` save_to_disk folder; not the cache-* files `datasets` may add beside the data
+        roles["data"] = (data, sorted(p for p in data.rglob("*") if p.is_file() and not p.name.startswith("cache-")))
+    elif data.is_file():
+        roles["data"] = (data.parent, [data])
+    for role, spec in (("weights", cfg.weights), ("subset", cfg.subset)):
+        if spec and Path(spec).is_file():
+            files = [Path(spec)]
+            if role == "weights" and diagnostics_path(Path(spec)).is_file():
+                files.append(diagnostics_path(Path(spec)))  # the cap, floor and exclusions are read from it
+            roles[role] = (Path(spec).parent, files)
+    return roles
+
+
+def _input_hashes(cfg: TrainConfig, known: dict | None = None) -> dict:
+    """sha256 of every input file: {role: {"root": folder, "files": {name: {sha256, size, mtime_ns}}}}.
+
+    Hashing reads every byte (~0.5 GB/s: a 15 GB model takes ~30 s), once per run: a rerun reuses the recorded
+    hash (`known`) of a file whose size and mtime are unchanged. Replacing a file in place changes its mtime; a
+    copy of another file that keeps its size and mtime to the nanosecond (cp -p) would go unnoticed.
+    """
+    known = known or {}
+    hashes = {}
+    for role, (root, files) in _input_files(cfg).items():
+        root_name = str(root.resolve())
+        before = known.get(role, {}).get("files", {}) if known.get(role, {}).get("root") == root_name else {}
+        entries = {}
+        for path in files:
+            name, stat = path.relative_to(root).as_posix(), path.stat()
+            old = before.get(name)
+            if old and (old.get("size"), old.get("mtime_ns")) == (stat.st_size, stat.st_mtime_ns):
+                entries[name] = old
+                continue
+            if stat.st_size > 2**30:
+                log.info("hashing %s (%.1f GB) for the run's record of its inputs", path, stat.st_size / 1e9)
+            entries[name] = {"sha256": file_sha256(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        hashes[role] = {"root": root_name, "files": entries}
+    return hashes
+
+
+def _settings_fingerprint(cfg: TrainConfig, known: dict | None = None) -> dict:
+    """What must not change between a run and its resumption, as JSON reads it back: the settings (not out,
+    resume, logging, saving) and, under `inputs`, the content of the model, data, weights and subset files
+    (a model or data set replaced in place keeps its path). `known`: a recorded fingerprint, whose hashes
+    are reused for unchanged files."""
     skip = {"out", "resume", "logging_steps", "save_steps", "save_total_limit", "keep_checkpoints", "report_to"}
     skip.add("verify")
-    return {k: v for k, v in config_lib.to_dict(cfg).items() if k not in skip}
+    settings = {k: v for k, v in config_lib.to_dict(cfg).items() if k not in skip}
+    settings = json.loads(json.dumps(settings, default=str))
+    settings["inputs"] = _input_hashes(cfg, (known or {}).get("inputs"))
+    return settings
 
 
-def _resume_from(cfg: TrainConfig) -> str | bool | None:
-    settings = Path(cfg.out) / "run_settings.json"
-    current = json.loads(json.dumps(_settings_fingerprint(cfg), default=str))
+def _changes(old: dict, new: dict) -> list[str]:
+    """The settings, and the input files, that differ between two fingerprints."""
+    changed = sorted(k for k in set(old) | set(new) if k != "inputs" and old.get(k) != new.get(k))
+    if "inputs" not in old:
+        return changed  # recorded before runs hashed their inputs: the settings alone
+
+    def digests(fingerprint: dict, role: str) -> dict[str, str]:
+        files = fingerprint["inputs"].get(role, {}).get("files", {})
+        return {name: f["sha256"] for name, f in files.items()}
+
+    for role in sorted(set(old["inputs"]) | set(new["inputs"])):
+        before, now = digests(old, role), digests(new, role)
+        for name in sorted(set(before) | set(now)):
+            if before.get(name) != now.get(name):
+                what = "is gone" if name not in now else "is new" if name not in before else "changed content"
+                changed.append(f"{role} file {name} {what}")
+    return changed
+
+
+def _finished(cfg: TrainConfig) -> bool:
+    """Whether `out` already holds this run's final model (and its record), trained with the same settings
+    and inputs; refuses a final model of other settings rather than overwrite it."""
+    out = Path(cfg.out)
+    record = _read_json(out / "train_record.json")
+    if not record or "settings" not in record or _weights_problem(out / "final") or not (out / "final").is_dir():
+        return False  # no record: killed between writing the final model and its record, or never finished
+    changed = _changes(record["settings"], _settings_fingerprint(cfg, record["settings"]))
+    if changed:
+        raise TrainError(
+            f"{out} holds a final model trained with other settings ({changed}); it is kept. Use another out, "
+            "or resume=none to train again in this folder (replacing it)."
+        )
+    return True
+
+
+def _resume_from(cfg: TrainConfig, current: dict | None = None) -> str | None:
+    """The checkpoint to resume from: with `auto`, the last complete one in `out` (incomplete ones are skipped,
+    and set aside by `_tidy`); with a path, that one, which must be complete. `current`: this run's fingerprint,
+    if computed already."""
     if cfg.resume == "none":
         return None
-    if cfg.resume == "auto":
-        from transformers.trainer_utils import get_last_checkpoint
-
-        last = get_last_checkpoint(cfg.out) if Path(cfg.out).is_dir() else None
-        if last and settings.is_file() and json.loads(settings.read_text()) != current:
-            old = json.loads(settings.read_text())
-            changed = sorted(k for k in set(old) | set(current) if old.get(k) != current.get(k))
+    if cfg.resume != "auto":
+        folder = Path(cfg.resume)
+        problem = _checkpoint_problem(folder) if folder.is_dir() else "no such folder"
+        if problem:
+            raise TrainError(
+                f"resume={cfg.resume}: not a complete checkpoint ({problem}); name a complete checkpoint-N, "
+                "or use resume=auto"
+            )
+        return cfg.resume
+    out = Path(cfg.out)
+    complete, incomplete = _checkpoints(out) if out.is_dir() else ([], {})
+    recorded = _read_json(out / "run_settings.json")
+    if complete and recorded is not None:
+        if "inputs" not in recorded:
+            log.warning("%s/run_settings.json predates hashing the inputs: only the settings are compared", out)
+        changed = _changes(recorded, current or _settings_fingerprint(cfg, recorded))
+        if changed:
             raise TrainError(
                 f"{cfg.out} holds checkpoints of a run with other settings ({changed}); they are "
                 "kept. Use another out, or resume=none to start over in this folder."
             )
-        return last
-    if not Path(cfg.resume).is_dir():
-        raise TrainError(f"resume={cfg.resume}: no such checkpoint folder")
-    return cfg.resume
+    if incomplete:
+        log.warning(
+            "%s: not resuming from incomplete checkpoint(s): %s",
+            out,
+            "; ".join(f"{p.name} ({why})" for p, why in incomplete.items()),
+        )
+    if complete:
+        log.info("resuming from %s, the last complete checkpoint", complete[-1])
+    return str(complete[-1]) if complete else None
 
 
 def _one_process_env(cfg: TrainConfig) -> list[str]:
@@ -571,7 +955,8 @@ def _one_process_env(cfg: TrainConfig) -> list[str]:
 
 
 def train(cfg: TrainConfig, callbacks: list | None = None):
-    """Fine-tune `cfg.model` on `cfg.data`; returns the Trainer (its state holds the log history)."""
+    """Fine-tune `cfg.model` on `cfg.data`; returns the Trainer (its state holds the log history), or None when
+    `out` holds the finished run already (resume=auto, same settings and inputs)."""
     added = _one_process_env(cfg)
     try:
         return _train(cfg, callbacks)
@@ -584,11 +969,23 @@ def _train(cfg: TrainConfig, callbacks: list | None):
     from transformers import AutoModelForCausalLM
     from transformers.integrations import is_deepspeed_zero3_enabled
 
+    cfg.validate()
     check_model_source(cfg.model, cfg.trust_remote_code)
+    out = Path(cfg.out)
+    if cfg.resume == "auto" and _finished(cfg):
+        log.info("%s: already finished (its final model and record match these settings and inputs)", out)
+        return None
     for name, value in cfg.from_preset.items():
         log.info("%s=%s from preset %s (Table 6, steps read as %s)", name, value, cfg.preset, cfg.table6_steps)
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     dataset = build_dataset(cfg, tokenizer)  # all data and weight errors surface before the model loads
+    # rank 0 records the fingerprint; the others compute it only to compare with a recorded one
+    fingerprint = _settings_fingerprint(cfg, _read_json(out / "run_settings.json")) if rank() == 0 else None
+    resume_from = _resume_from(cfg, fingerprint)  # a refused resume too surfaces before the model loads
+    if rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        _tidy(out, _checkpoints(out)[1])
+        _write_json(out / "run_settings.json", fingerprint)
     if (
         resolve_deepspeed(cfg.deepspeed)
         and int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -641,36 +1038,40 @@ def _train(cfg: TrainConfig, callbacks: list | None):
         verify=cfg.verify,
         callbacks=callbacks,
     )
-    resume_from = _resume_from(cfg)
-    if trainer.is_world_process_zero():
-        Path(cfg.out).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.out) / "run_settings.json").write_text(json.dumps(_settings_fingerprint(cfg), default=str))
     trainer.train(resume_from_checkpoint=resume_from)
-    final = Path(cfg.out) / "final"
-    if cfg.lora.enabled and not trainer.is_deepspeed_enabled:
-        # A LoRA run's final model is the merged model, loadable like any other (score, generate, lm-eval).
-        merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+    # Written into tmp-final and renamed: a `final` folder is always complete (the workflow's output, and what
+    # a rerun takes as done).
+    final, staging = out / "final", out / f"{STAGING}final"
+    with _saving(staging, out, "final"):
+        if cfg.lora.enabled and not trainer.is_deepspeed_enabled:
+            # A LoRA run's final model is the merged model, loadable like any other (score, generate, lm-eval).
+            merged = trainer.accelerator.unwrap_model(trainer.model).merge_and_unload()
+            if trainer.is_world_process_zero():
+                merged.save_pretrained(staging)
+        else:
+            trainer.save_model(str(staging))  # safetensors; ZeRO-3 gathers the 16-bit weights (shipped configs)
         if trainer.is_world_process_zero():
-            merged.save_pretrained(final)
-    else:
-        trainer.save_model(str(final))  # safetensors; ZeRO-3 gathers the 16-bit weights (shipped configs)
+            if dataset.template_name != "model":
+                # The final model answers in the format it was trained on (e.g. `plain` for a base model without
+                # a template): generation then renders prompts with it and stops at its end-of-turn token.
+                tokenizer.chat_template = dataset.template
+            tokenizer.save_pretrained(staging)
+    trainer.accelerator.wait_for_everyone()  # ZeRO-3 without 16-bit gathering: every rank writes its partition
     if trainer.is_world_process_zero():
-        if dataset.template_name != "model":
-            # The final model answers in the format it was trained on (e.g. `plain` for a base model without a
-            # template): generation then renders prompts with it and stops at its end-of-turn token.
-            tokenizer.chat_template = dataset.template
-        tokenizer.save_pretrained(final)
+        _publish(staging, final)
         record = {
             "config": config_lib.to_dict(cfg),
             "chat_template": dataset.template_name,
             "partitioned_at_load": zero3,
             "log_history": trainer.state.log_history,
             "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+            "settings": fingerprint,  # what a rerun compares to find the run finished
         }
-        (Path(cfg.out) / "train_record.json").write_text(json.dumps(record, indent=1, default=str))
+        with _saving(out / f"{STAGING}train_record.json", out, "train_record.json"):
+            _write_json(out / "train_record.json", record)
         log.info("saved the final model to %s", final)
         if not cfg.keep_checkpoints:
-            for checkpoint in sorted(Path(cfg.out).glob("checkpoint-*")):
+            for checkpoint in sorted(out.glob("checkpoint-*")):
                 shutil.rmtree(checkpoint)
                 log.info("deleted %s (keep_checkpoints=false)", checkpoint)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
