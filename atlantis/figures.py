@@ -3,9 +3,10 @@
 - Fig. 2: the influence-weight distribution of each model family (paper: "similar distributions of influence
   weights across different models", red = highest density, blue = lowest): a histogram of log w per family whose
   bars are coloured by their density on the same red-blue scale.
-- Fig. 3: SFT vs ATLANTIS for each main large model on a radar over the profile's benchmark dimensions (paper:
-  the six Open LLM Leaderboard 2 tasks, "scales stretched in different dimensions"): each axis is stretched to the
-  range of the values drawn on it, and the axis label gives that range, so the chart shows direction, not size.
+- Fig. 3: SFT vs ATLANTIS for each main large model over the profile's benchmark dimensions (paper: a radar of the
+  six Open LLM Leaderboard 2 tasks, "scales stretched in different dimensions", which makes a 0.2-point difference
+  fill the radius): here each metric's Δ with its 95% interval paired by seed, in the metric's own units around
+  zero (`fig3`), and the radar on one common 0-100 scale (`fig3-radar`).
 - Fig. 4: two families' weights on the same random samples (paper: Qwen2-1.5B vs Gemma2-2B on 2,000 samples):
   their distributions, the per-sample scatter, and the rate at which they disagree about the border 1.0 (one
   weight above, the other below), written to `fig4.json` too.
@@ -32,6 +33,7 @@ import pandas as pd  # noqa: E402
 from atlantis.config import field  # noqa: E402
 from atlantis.log import get_logger  # noqa: E402
 from atlantis.report import plain_run  # noqa: E402
+from atlantis.stats import paired_ci  # noqa: E402
 from atlantis.weights import disagreement_rate, read_weights  # noqa: E402
 
 log = get_logger(__name__)
@@ -92,62 +94,140 @@ def fig2(cfg: FiguresConfig, families: list[str], names: dict[str, str], out: Pa
     return _save(fig, out, "fig2")
 
 
-def _run_mean(metrics_dir: Path, runs: list[str], metric: str) -> float:
+def _per_seed(metrics_dir: Path, matrix: dict, large: str, method: str, metric: str) -> dict[int, float]:
+    """seed -> the metric of this model's plain run of `method` with that seed (runs not evaluated yet: left out; a
+    broken metrics file still raises)."""
     from atlantis.report import read_metrics
 
-    vals = []
-    for run in runs:
-        if not (metrics_dir / f"{run}.json").is_file() and not (metrics_dir / run).is_dir():
-            continue  # a run not evaluated (yet): left out; a broken metrics file still raises
-        m = read_metrics(metrics_dir, run)["metrics"]
+    out = {}
+    for rid, r in matrix["runs"].items():
+        if not plain_run(r, large, method):
+            continue
+        if not (metrics_dir / f"{rid}.json").is_file() and not (metrics_dir / rid).is_dir():
+            continue
+        m = read_metrics(metrics_dir, rid)["metrics"]
         if metric in m:
-            vals.append(float(m[metric]))
-    return float(np.mean(vals)) if vals else math.nan
+            out[int(r.get("seed", 0))] = float(m[metric])
+    return out
+
+
+def paired_deltas(metrics_dir: Path, matrix: dict, large: str, metrics: list[str]) -> list[dict]:
+    """Per metric: SFT's mean, and ATLANTIS − SFT paired by seed with its 95% t-interval (atlantis.stats)."""
+    rows = []
+    for metric in metrics:
+        sft = _per_seed(metrics_dir, matrix, large, "sft", metric)
+        atl = _per_seed(metrics_dir, matrix, large, "atlantis", metric)
+        seeds = sorted(set(sft) & set(atl))
+        if not seeds:
+            continue
+        delta, lo, hi = paired_ci(np.asarray([atl[s] - sft[s] for s in seeds]))
+        sft_mean = float(np.mean([sft[s] for s in seeds]))
+        atl_mean = float(np.mean([atl[s] for s in seeds]))
+        rows.append(dict(metric=metric, sft=sft_mean, atlantis=atl_mean, delta=delta, lo=lo, hi=hi, n=len(seeds)))
+    return rows
+
+
+# The radar's common 0-100 scale: percentages as they are, MT-Bench's 1-10 grade x10, a metric given as a fraction
+# (every value in [0, 1], e.g. the leaderboard's raw accuracies) x100. A metric on another scale is left off it.
+RADAR_FACTOR = {"mtbench_single": 10.0}
+
+
+def _radar_factor(metric: str, values: list[float]) -> float | None:
+    if metric in RADAR_FACTOR:
+        return RADAR_FACTOR[metric]
+    if all(0.0 <= v <= 1.0 for v in values):
+        return 100.0
+    return 1.0 if all(0.0 <= v <= 100.0 for v in values) else None
 
 
 def fig3(cfg: FiguresConfig, matrix: dict, metrics: list[str], labels: dict[str, str], out: Path) -> list[Path]:
+    """Fig. 3 analogue. The paper's radar stretches each axis to its own range, so a 0.2-point difference fills
+    the radius; the primary figure here is each metric's Δ (ATLANTIS − SFT) with its 95% interval paired by seed,
+    one panel per metric in its own units with zero marked (`fig3`); the radar is kept on one common 0-100 scale
+    for every axis (`fig3-radar`)."""
     larges = matrix["config"]["experiments"]["main"]["large"]
     stands = matrix.get("report", {}).get("stands_for", {})
-    fig, axes = plt.subplots(
-        1, len(larges), figsize=(6.2 * len(larges), 6.0), subplot_kw={"projection": "polar"}, squeeze=False
+    deltas = {
+        large: {r["metric"]: r for r in paired_deltas(Path(cfg.metrics), matrix, large, metrics)} for large in larges
+    }
+    shown = [m for m in metrics if any(m in deltas[large] for large in larges)]
+    names = [f"{lg}" + (f"\n({stands[lg]})" if lg in stands else "") for lg in larges]
+    ncols = min(3, max(1, len(shown)))
+    nrows = max(1, math.ceil(len(shown) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 0.9 + 0.55 * len(larges) * nrows + 0.9 * nrows))
+    axes = np.atleast_1d(axes).ravel()
+    for ax, metric in zip(axes, shown):
+        span = 0.0
+        for y, large in enumerate(larges):
+            r = deltas[large].get(metric)
+            if r is None:
+                continue
+            has_ci = not math.isnan(r["lo"])
+            colour = "grey"
+            if has_ci and r["lo"] > 0:
+                colour = "tab:red"
+            elif has_ci and r["hi"] < 0:
+                colour = "tab:blue"
+            if has_ci:
+                ax.errorbar(r["delta"], y, xerr=[[r["delta"] - r["lo"]], [r["hi"] - r["delta"]]], fmt="o",
+                            color=colour, capsize=3)  # fmt: skip
+            else:
+                ax.plot(r["delta"], y, "o", color=colour)
+            ax.annotate(f"SFT {r['sft']:.3g}", (0, y), xytext=(0, 7), textcoords="offset points", ha="center",
+                        fontsize=6, color="dimgrey")  # fmt: skip
+            span = max(span, abs(r["delta"]), *(abs(v) for v in (r["lo"], r["hi"]) if not math.isnan(v)))
+        span = span * 1.15 or 1.0
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_xlim(-span, span)  # symmetric about 0: a gain and a loss of the same size look the same
+        ax.set_ylim(-0.7, len(larges) - 0.3)
+        ax.set_yticks(range(len(larges)))
+        ax.set_yticklabels(names, fontsize=7)
+        ax.set_title(f"Δ {labels.get(metric, metric)}", fontsize=9)
+        ax.tick_params(axis="x", labelsize=7)
+    for ax in axes[len(shown) :]:
+        ax.set_axis_off()
+    n_seeds = sorted({r["n"] for d in deltas.values() for r in d.values()})
+    fig.suptitle(
+        "Fig. 3 analogue: ATLANTIS − SFT per metric, 95% interval paired by seed "
+        f"(n = {', '.join(map(str, n_seeds)) or '-'}; red/blue: the interval excludes 0)",
+        fontsize=10,
     )
-    fig.subplots_adjust(wspace=0.7, top=0.78, bottom=0.14)
-    for ax, large in zip(axes[0], larges):
-        arms = {}
-        for method in ("sft", "atlantis"):
-            runs = [rid for rid, r in matrix["runs"].items() if plain_run(r, large, method)]
-            arms[method] = [_run_mean(Path(cfg.metrics), runs, m) for m in metrics]
-        shown = [i for i, m in enumerate(metrics) if all(not math.isnan(arms[a][i]) for a in arms)]
-        title = f"{large}" + (f" (stands for {stands[large]})" if large in stands else "")
-        if len(shown) < 3:
+    fig.tight_layout()
+    written = _save(fig, out, "fig3")
+    return written + _radar(matrix, deltas, shown, labels, names, out)
+
+
+def _radar(matrix, deltas, metrics, labels, names, out: Path) -> list[Path]:
+    larges = matrix["config"]["experiments"]["main"]["large"]
+    fig, axes = plt.subplots(
+        1, len(larges), figsize=(5.6 * len(larges), 5.6), subplot_kw={"projection": "polar"}, squeeze=False
+    )
+    for ax, large, name in zip(axes[0], larges, names):
+        rows = [deltas[large][m] for m in metrics if m in deltas[large]]
+        factors = [_radar_factor(r["metric"], [r["sft"], r["atlantis"]]) for r in rows]
+        rows = [(r, f) for r, f in zip(rows, factors) if f is not None]
+        if len(rows) < 3:
             ax.set_axis_off()
-            ax.set_title(f"{title}\nfewer than 3 metrics evaluated", fontsize=9)
+            ax.set_title(f"{name}\nfewer than 3 metrics on a 0-100 scale", fontsize=9)
             continue
-        angles = np.linspace(0, 2 * np.pi, len(shown), endpoint=False)
-        axis_labels = []
-        scaled = {a: [] for a in arms}
-        for i in shown:
-            lo, hi = min(arms[a][i] for a in arms), max(arms[a][i] for a in arms)
-            pad = max((hi - lo) * 0.5, 1e-3 * max(abs(hi), 1.0))
-            lo_s, hi_s = lo - pad, hi + pad
-            for a in arms:
-                scaled[a].append((arms[a][i] - lo_s) / (hi_s - lo_s))
-            axis_labels.append(f"{labels.get(metrics[i], metrics[i])}\n[{lo_s:.3g}, {hi_s:.3g}]")
-        for a, style in (("sft", dict(color="tab:blue", ls="--")), ("atlantis", dict(color="tab:red", ls="-"))):
-            vals = scaled[a] + scaled[a][:1]
-            ang = list(angles) + [angles[0]]
-            ax.plot(ang, vals, label="SFT" if a == "sft" else "ATLANTIS", **style)
-            ax.fill(ang, vals, alpha=0.12, color=style["color"])
+        angles = list(np.linspace(0, 2 * np.pi, len(rows), endpoint=False))
+        for key, style in (("sft", dict(color="tab:blue", ls="--")), ("atlantis", dict(color="tab:red", ls="-"))):
+            vals = [r[key] * f for r, f in rows]
+            ax.plot(angles + angles[:1], vals + vals[:1], label="SFT" if key == "sft" else "ATLANTIS", **style)
+            ax.fill(angles + angles[:1], vals + vals[:1], alpha=0.1, color=style["color"])
         ax.set_xticks(angles)
-        ax.set_xticklabels(axis_labels, fontsize=7)
-        ax.set_yticklabels([])
-        ax.set_ylim(0, 1)
-        ax.set_title(title, fontsize=10, pad=34)
-    drawn = [ax.get_legend_handles_labels() for ax in axes[0] if ax.get_legend_handles_labels()[0]]
-    if drawn:
-        fig.legend(*drawn[0], loc="lower center", ncol=2)
-    fig.suptitle("Fig. 3 analogue: SFT vs ATLANTIS per dimension (each axis stretched to its own range)", y=0.98)
-    return _save(fig, out, "fig3")
+        ax.set_xticklabels(
+            [labels.get(r["metric"], r["metric"]) + (f" x{f:g}" if f != 1 else "") for r, f in rows], fontsize=7
+        )
+        ax.set_ylim(0, 100)  # one scale for every axis
+        ax.set_yticks([25, 50, 75, 100])
+        ax.tick_params(axis="y", labelsize=6)
+        ax.set_title(name, fontsize=10, pad=24)
+    handles = [ax.get_legend_handles_labels() for ax in axes[0] if ax.get_legend_handles_labels()[0]]
+    if handles:
+        fig.legend(*handles[0], loc="lower center", ncol=2)
+    fig.suptitle("Fig. 3 analogue as a radar, every axis on one 0-100 scale (means over seeds)", y=1.0)
+    return _save(fig, out, "fig3-radar")
 
 
 def fig4(cfg: FiguresConfig, pair: list[str], names: dict[str, str], out: Path) -> list[Path]:

@@ -210,9 +210,9 @@ def test_figures_and_the_disagreement_rate(tmp_path):
         matrix=str(matrix), weights=str(wdir), metrics=str(tmp_path / "metrics"), out=str(tmp_path / "f"), samples=10
     )
     written = render_figures(cfg)
-    for n in (2, 3, 4):
+    for stem in ("fig2", "fig3", "fig3-radar", "fig4"):
         for ext in ("png", "pdf"):
-            path = tmp_path / "f" / f"fig{n}.{ext}"
+            path = tmp_path / "f" / f"{stem}.{ext}"
             assert path in written and path.stat().st_size > 1000
     stats = json.loads((tmp_path / "f" / "fig4.json").read_text())
     assert stats["samples"] == 10 and stats["disagreement_normalised"] == pytest.approx(0.3)
@@ -296,3 +296,21 @@ def test_benchmark_files_merge_into_a_runs_metrics(tmp_path):
     (tmp_path / "r" / "again.json").write_text(json.dumps({"metrics": {"mc1": 0.7}}))
     with pytest.raises(ReportError, match=r"again\.json: metric\(s\) \['mc1'\] already given"):
         read_metrics(tmp_path, "r")
+
+
+def test_fig3_draws_paired_deltas_with_their_intervals(tmp_path):
+    """Fig. 3's numbers: ATLANTIS − SFT paired by seed (0.02, 0.03, 0.04 on mc1), the t-interval by hand; a metric
+    that does not move has Δ 0 and a zero-width interval."""
+    from atlantis.figures import _radar_factor, paired_deltas
+
+    matrix = json.loads(_matrix(tmp_path).read_text())
+    rows = {r["metric"]: r for r in paired_deltas(tmp_path / "metrics", matrix, "q-large", ["mc1", "judge", "missing"])}
+    assert set(rows) == {"mc1", "judge"}
+    half = 4.303 * 0.01 / math.sqrt(3)  # t(0.975, 2) x sd(0.02, 0.03, 0.04) / sqrt(3)
+    assert rows["mc1"]["delta"] == pytest.approx(0.03)
+    assert (rows["mc1"]["lo"], rows["mc1"]["hi"]) == (pytest.approx(0.03 - half), pytest.approx(0.03 + half))
+    assert rows["mc1"]["sft"] == pytest.approx(0.51) and rows["mc1"]["n"] == 3
+    assert rows["judge"]["delta"] == rows["judge"]["lo"] == rows["judge"]["hi"] == 0.0
+    # the radar's common scale: fractions x100, MT-Bench's grade x10, percentages as they are, others left off
+    assert _radar_factor("mc1", [0.5, 0.53]) == 100.0 and _radar_factor("mtbench_single", [6.2, 6.4]) == 10.0
+    assert _radar_factor("alpacaeval_hard", [52.5, 52.7]) == 1.0 and _radar_factor("kl", [-1.0, 130.0]) is None

@@ -58,11 +58,11 @@ rule figures:
         metrics=METRICS_FILES,
     output:
         png=report(
-            expand(f"{FIGURES}/fig{{n}}.png", n=[2, 3, 4]),
+            expand(f"{FIGURES}/{{stem}}.png", stem=["fig2", "fig3", "fig3-radar", "fig4"]),
             category="Figures",
             caption="../report/figures.rst",
         ),
-        pdf=expand(f"{FIGURES}/fig{{n}}.pdf", n=[2, 3, 4]),
+        pdf=expand(f"{FIGURES}/{{stem}}.pdf", stem=["fig2", "fig3", "fig3-radar", "fig4"]),
         stats=f"{FIGURES}/fig4.json",
     log:
         f"{RESULTS}/logs/figures.log",
