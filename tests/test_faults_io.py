@@ -151,6 +151,28 @@ def test_a_second_invocation_on_a_locked_output_is_refused(models, data_file, tm
     assert json.loads((tmp_path / "s.parquet.lock").read_text())["pid"] == os.getpid()  # not taken, not removed
 
 
+def test_two_real_processes_on_one_output_write_it_once(models, tmp_path):
+    """Two `atlantis score` processes started together on one output: exactly one writes it, the other stops with
+    the lock's message (or, if the first has already finished, with the refusal to overwrite); the file equals a
+    lone run's and no lock or shard folder is left."""
+    data = write_jsonl(
+        tmp_path / "data.jsonl", [dict(r, id=f"s{i}-{k}") for k in range(40) for i, r in enumerate(SAMPLES)]
+    )
+    alone = tmp_path / "alone.parquet"
+    run(models["llama"], data, alone)
+    out = tmp_path / "s.parquet"
+    cmd = [sys.executable, "-m", "atlantis.cli", "score", f"model={models['llama']}", "role=small", f"data={data}"]
+    procs = [subprocess.Popen([*cmd, f"out={out}"], stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert sorted(rc for rc, _ in results) == [0, 1], results
+    (loser,) = [err for rc, err in results if rc == 1]
+    assert re.search(
+        rf"another process \(pid \d+ .*\) is writing {re.escape(str(out))}|{re.escape(str(out))} exists", loser
+    )
+    assert pq.read_table(out).equals(pq.read_table(alone))
+    assert not out.with_name(out.name + ".lock").exists() and not out.with_name(out.name + ".parts").exists()
+
+
 def test_a_lock_left_by_a_dead_process_is_taken_over(models, data_file, tmp_path, caplog):
     out = tmp_path / "s.parquet"
     pid = dead_pid()
