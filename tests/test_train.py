@@ -241,7 +241,7 @@ def test_explicit_settings_win_over_the_preset():
     assert (cfg.per_device_batch_size, cfg.learning_rate) == (2, 2e-5)
     assert cfg.from_preset == {"warmup_steps": 375, "per_device_batch_size": 2, "learning_rate": 2e-5}
     # a value equal to the no-preset default is still explicit: paper-72b accumulates 4, not 8
-    cfg = config_lib.load(TrainConfig, None, [*base, "preset=paper-72b", "grad_accum=8", "warmup_steps=0"])
+    cfg = config_lib.load(TrainConfig, None, [*base[:-1], "preset=paper-72b", "grad_accum=8", "warmup_steps=0"])
     assert (cfg.grad_accum, cfg.max_steps, cfg.warmup_steps) == (8, 1_875, 0)
     cfg = config_lib.load(TrainConfig, None, [*base, "deepspeed=none", "table6_steps=optimizer"])
     assert cfg.deepspeed == "none" and resolve_deepspeed(cfg.deepspeed) is None and cfg.max_steps == 60_000
