@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -67,7 +68,17 @@ def test_readme_example_runs(tmp_path):
     # are scored as another string than under `plain`, so they get no weight and are named
     assert len(weights) == 4 and diag["n_excluded"] == 2
     assert all("different response text" in e["reason"] for e in diag["excluded"])
-    assert 0 < diag["ess_over_n"] <= 1
+    # each kept sample's weight by hand from the two score files: exp(mean log p_r − mean log p_S) (§2.3, per-token
+    # means), normalised to mean 1 over the kept samples (the cap of 10 does not bind here); ESS/N = (Σw)²/(NΣw²)
+    small = pd.read_parquet(tmp_path / "demo/scores/small.parquet").set_index("id")
+    ref = pd.read_parquet(tmp_path / "demo/scores/ref.parquet").set_index("id")
+    kept = weights.set_index("id").index
+    raw = np.exp(ref.loc[kept, "logp_mean_ref"] - small.loc[kept, "logp_mean_small"])
+    expected = raw / raw.mean()
+    assert expected.max() < 10 and expected.std() > 1e-3  # not all equal: the check below can fail
+    np.testing.assert_allclose(weights.set_index("id").loc[kept, "weight"], expected, rtol=1e-9)
+    assert diag["ess_over_n"] == pytest.approx(expected.sum() ** 2 / (len(expected) * (expected**2).sum()))
+    assert {e["id"] for e in diag["excluded"]} == set(small.index) - set(kept)
     assert len(pd.read_parquet(tmp_path / "demo/selection/ifd-0.50.parquet")) <= 3
     for run, world in (("sft", 1), ("atlantis", 1), ("atlantis-zero3", 2)):
         record = json.loads((tmp_path / "demo/runs" / run / "train_record.json").read_text())
