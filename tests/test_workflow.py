@@ -65,8 +65,8 @@ def test_paper_plan_has_the_papers_jobs():
     scores = re.findall(r"atlantis score model=(\S+) role=\S+ data=\S+ out=\S+ ?(.*?) >", text)
     assert len(scores) == 16 and len(set(scores)) == 16  # every scoring pass once
     # each role through its template: p_S plain, p_r its own; IFD and Superfiltering as released
-    assert ("Qwen/Qwen2-1.5B", "render.template=plain ") in scores
-    assert ("Qwen/Qwen2-1.5B-Instruct", "render.template=model ") in scores
+    assert ("Qwen/Qwen2-1.5B", "render.template=plain") in scores
+    assert ("Qwen/Qwen2-1.5B-Instruct", "render.template=model") in scores
     assert ("openai-community/gpt2", "render.template=superfiltering render.max_length=1024") in scores
     direct = "render.template=alpaca render.context=response_only render.direct_prefix=alpaca render.max_length=512"
     assert ("Qwen/Qwen2-7B", direct) in scores
