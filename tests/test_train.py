@@ -288,9 +288,8 @@ def assert_same_weights(p1: dict, p2: dict, max_move: float) -> None:
 
 
 def launch(cmd_prefix, world, out, extra=()):
-    cmd = [
-        *cmd_prefix,
-        "train",
+    given = {e.split("=", 1)[0] for e in extra}  # `extra` replaces these defaults (a setting is given once)
+    defaults = [
         f"model={world['model']}",
         f"data={world['data']}",
         f"out={out}",
@@ -303,8 +302,8 @@ def launch(cmd_prefix, world, out, extra=()):
         "logging_steps=1",
         "max_grad_norm=1e9",
         "resume=none",
-        *extra,
     ]
+    cmd = [*cmd_prefix, "train", *(d for d in defaults if d.split("=", 1)[0] not in given), *extra]
     # DeepSpeed JIT-compiles its ops (deepspeed_shm_comm, cpu_adam) on first use, minutes on 2 cores: into a
     # git-ignored cache in the repository, so that CI (which keeps it) builds them once.
     env = {
