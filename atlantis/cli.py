@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -418,8 +420,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_on_sigterm(signum, frame):
+    # SLURM (a time limit, scancel) and torchrun stop a job with SIGTERM: exit through Python's `finally` blocks,
+    # so that a run's output lock is released and a retry on another node is not refused for minutes
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         adopt_slurm_env()  # one task of a multi-task srun step (multi-node training): RANK etc. from SLURM's
     except RuntimeError as err:

@@ -38,6 +38,7 @@ from torch.utils.checkpoint import checkpoint
 from atlantis import config as config_lib
 from atlantis.config import field
 from atlantis.data import DataConfig, load_samples
+from atlantis.lock import OutputLock
 from atlantis.log import get_logger, rank
 from atlantis.loss import IGNORE_INDEX, weighted_loss
 from atlantis.models import check_model_source, finalize_logits, load_tokenizer
@@ -966,15 +967,26 @@ def train(cfg: TrainConfig, callbacks: list | None = None):
 
 
 def _train(cfg: TrainConfig, callbacks: list | None):
-    from transformers import AutoModelForCausalLM
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
     cfg.validate()
     check_model_source(cfg.model, cfg.trust_remote_code)
     out = Path(cfg.out)
     if cfg.resume == "auto" and _finished(cfg):
         log.info("%s: already finished (its final model and record match these settings and inputs)", out)
         return None
+    # one run writes a folder at a time (its checkpoints, tidy-ups and final model): `<out>.lock`, shared by the
+    # ranks of this job, taken over from a holder that is gone
+    lock = OutputLock(out, TrainError, "atlantis train")
+    lock.acquire()
+    try:
+        return _train_locked(cfg, callbacks, out)
+    finally:
+        lock.release()
+
+
+def _train_locked(cfg: TrainConfig, callbacks: list | None, out: Path):
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
     for name, value in cfg.from_preset.items():
         log.info("%s=%s from preset %s (Table 6, steps read as %s)", name, value, cfg.preset, cfg.table6_steps)
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)

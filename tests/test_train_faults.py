@@ -426,3 +426,62 @@ def test_unchanged_inputs_are_not_hashed_again_and_a_touched_file_is_no_change(o
     recorded = json.loads((out / "run_settings.json").read_text())["inputs"]
     assert set(recorded) == {"model", "data", "weights"}
     assert {"model.safetensors", "tokenizer.json", "config.json"} <= set(recorded["model"]["files"])
+
+
+# ------------------------------------------------------------------------------ one writer per run folder
+
+
+def test_a_run_folder_locked_by_a_live_process_is_refused_before_the_model_loads(world, tmp_path, monkeypatch):
+    import socket
+
+    out = tmp_path / "run"
+    lock = tmp_path / "run.lock"
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "started": "2024-01-01T00:00:00", "job": "other"}
+    lock.write_text(json.dumps(holder))
+    monkeypatch.setattr(train_mod, "build_dataset", lambda *a: pytest.fail("read the data under another's lock"))
+    with pytest.raises(TrainError, match=rf"another process \(pid {os.getpid()} .*\) is writing {out}; wait or"):
+        train(cfg_for(world, out, **RUN))
+    assert json.loads(lock.read_text()) == holder and not out.exists()  # neither taken nor removed
+    holder["pid"] = _dead_pid()  # its holder is gone: taken over, and released at the end
+    lock.write_text(json.dumps(holder))
+    monkeypatch.undo()
+    train(cfg_for(world, out, **RUN))
+    assert (out / "final").is_dir() and not lock.exists()
+
+
+def _dead_pid() -> int:
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_sigterm_releases_the_lock(tmp_path):
+    """SLURM stops a job (time limit, scancel) with SIGTERM: the CLI exits through its `finally` blocks, so the
+    output's lock is gone and a retry on another node is not refused."""
+    import signal
+    import sys
+    import time
+
+    from atlantis.testing import SAMPLES, build_tiny_model
+
+    model = build_tiny_model(tmp_path / "m", "llama", seed=1)
+    data = tmp_path / "d.jsonl"
+    data.write_text(
+        "".join(json.dumps(dict(r, id=f"s{i}-{k}")) + "\n" for k in range(400) for i, r in enumerate(SAMPLES))
+    )
+    out = tmp_path / "s.parquet"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "atlantis.cli", "score", f"model={model}", "role=small", f"data={data}", f"out={out}",
+         "shard_size=8"],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    lock = tmp_path / "s.parquet.lock"
+    deadline = time.monotonic() + 120
+    while not lock.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert lock.exists(), proc.stderr.read() if proc.poll() is not None else "no lock after 120 s"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    assert not lock.exists() and not out.exists()
