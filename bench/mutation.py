@@ -52,8 +52,10 @@ class Target:
 # The slow tests deselected here run other processes (not seen by mutmut's per-test tracking, and 10-130 s each)
 # or build a whole world (~60 s a mutant).
 TARGETS = {
-    "loss": Target("atlantis/loss.py", ["tests/test_loss.py"]),
-    "weights": Target("atlantis/weights.py", ["tests/test_weights.py", "tests/test_bad_inputs.py"]),
+    "loss": Target("atlantis/loss.py", ["tests/test_loss.py", "tests/test_mutants_loss.py"]),
+    "weights": Target(
+        "atlantis/weights.py", ["tests/test_weights.py", "tests/test_bad_inputs.py", "tests/test_mutants_weights.py"]
+    ),
     "selection": Target("atlantis/selection.py", ["tests/test_selection.py", "tests/test_selection_upstream.py"]),
     "train": Target(
         "atlantis/train.py",
