@@ -56,12 +56,16 @@ TARGETS = {
     "weights": Target(
         "atlantis/weights.py", ["tests/test_weights.py", "tests/test_bad_inputs.py", "tests/test_mutants_weights.py"]
     ),
-    "selection": Target("atlantis/selection.py", ["tests/test_selection.py", "tests/test_selection_upstream.py"]),
+    "selection": Target(
+        "atlantis/selection.py",
+        ["tests/test_selection.py", "tests/test_selection_upstream.py", "tests/test_mutants_selection.py"],
+    ),
     "train": Target(
         "atlantis/train.py",
         [
             "tests/test_train_data_path.py",
             "tests/test_train.py",
+            "tests/test_mutants_train.py",
             "-k",
             "not two_processes and not keep_checkpoints and not lora and not resume_with_other",
         ],
@@ -77,7 +81,7 @@ TARGETS = {
     ),
     "scoring": Target(
         "atlantis/scoring.py",
-        ["tests/test_scoring.py", "-k", "not torchrun"],
+        ["tests/test_scoring.py", "tests/test_mutants_scoring.py", "-k", "not torchrun"],
         [
             "columns",
             "text_hash",
@@ -94,6 +98,7 @@ TARGETS = {
         [
             "tests/test_world.py",
             "tests/test_world_metrics*.py",
+            "tests/test_mutants_world_metrics.py",
             "-k",
             "not built_models and not rebuild and not reduced_experiment and not oracle and not shipped_world",
         ],
