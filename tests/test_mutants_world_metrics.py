@@ -24,6 +24,7 @@ def test_evaluate_to_file_writes_the_model_its_metrics_and_provenance(evaluated,
     out = tmp_path / "eval" / "m.json"
     cfg = metrics.EvaluateConfig(model=model, out=str(out), world=str(tmp_path / "world"), template="unused.jinja")
     assert metrics.evaluate_to_file(cfg) == out
+    assert metrics.evaluate_to_file(cfg) == out  # again: the answers of the first run are replaced, not refused
     record = json.loads(out.read_text())
     assert record["model"] == model and "proxy" not in record
     assert record["metrics"] == pytest.approx(result)
