@@ -16,12 +16,15 @@ from atlantis.weights import (
     compute,
     diagnostics,
     disagreement_rate,
+    excluded_ids,
     postprocess,
     read_scores,
     read_weights,
     renormalize,
     water_fill,
     weight_bounds,
+    weights_for,
+    write,
 )
 
 E = math.e
@@ -225,3 +228,40 @@ def test_weight_bounds_from_the_diagnostics(tmp_path):
     assert weight_bounds(out) == {"clip_max": None, "floor": 0.0}
     (tmp_path / "w.diagnostics.json").write_text(json.dumps({"floor": 0.0}))
     assert weight_bounds(out) == {"clip_max": None, "floor": 0.0}
+
+
+def test_unnormalised_floor_equal_to_the_cap_is_allowed():
+    w, stats = postprocess(np.log([0.1, 2.0, 40.0]), normalize=False, floor=2.0, clip_max=2.0)
+    np.testing.assert_array_equal(w, [2.0, 2.0, 2.0])
+    with pytest.raises(WeightsError, match="above the cap"):
+        postprocess(np.log([0.1, 2.0]), normalize=False, floor=2.5, clip_max=2.0)
+
+
+def test_excluded_ids_of_diagnostics_without_the_list(tmp_path):
+    (tmp_path / "w.diagnostics.json").write_text(json.dumps({"n": 3}))
+    assert excluded_ids(tmp_path / "w.parquet") == set()
+    (tmp_path / "w.diagnostics.json").write_text(json.dumps({"excluded": [{"id": "b", "reason": "x"}]}))
+    assert excluded_ids(tmp_path / "w.parquet") == {"b"}
+
+
+def test_write_into_a_new_folder_records_the_settings(influence, tmp_path):
+    other = tmp_path / "other.parquet"
+    pq.write_table(pa.table({"id": ["a", "c"], "log_weight_raw": [0.0, 3.0], "weight": [0.5, 1.5]}), other)
+    out = tmp_path / "new" / "deeper" / "w.parquet"
+    cfg = WeightsConfig(scores=influence, out=str(out), reduction="mean", normalize=True, compare=str(other))
+    assert write(cfg) == out
+    assert pq.read_schema(out).names == ["id", "log_weight_raw", "weight"]  # no index column
+    diag = json.loads((out.parent / "w.diagnostics.json").read_text())
+    assert (diag["formula"], diag["reduction"], diag["normalize"]) == ("influence", "mean", True)
+    assert diag["compare"]["file"] == str(other) and diag["compare"]["border"] == 1.0
+
+
+def test_weights_that_are_all_zero_are_refused_and_small_ones_read(tmp_path):
+    pq.write_table(pa.table({"id": ["a", "b"], "weight": [0.0, 0.0]}), tmp_path / "zero.parquet")
+    with pytest.raises(WeightsError, match="column weight is 0 for all 2"):
+        read_weights(tmp_path / "zero.parquet")
+    pq.write_table(pa.table({"id": ["a", "b", "c"], "weight": [0.5, 0.5, 0.0]}), tmp_path / "w.parquet")
+    assert read_weights(tmp_path / "w.parquet")["weight"].tolist() == [0.5, 0.5, 0.0]
+    np.testing.assert_array_equal(weights_for(["b", "a"], tmp_path / "w.parquet"), [0.5, 0.5])
+    with pytest.raises(WeightsError, match="0 for every one of the 1 training sample"):
+        weights_for(["c"], tmp_path / "w.parquet")
