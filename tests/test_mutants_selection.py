@@ -16,6 +16,7 @@ from atlantis.selection import (
     SelectionError,
     ifd_scores,
     passing,
+    read_subset,
     select,
     select_top,
     selection_scorers,
@@ -129,3 +130,44 @@ def test_selection_scorers_merge_over_the_defaults():
         "ifd": "small",
         "superfiltering": "openai-community/gpt2",
     }
+
+
+def test_a_zero_direct_loss_is_refused_naming_its_file_unless_the_ratio_is_ppl(files, tmp_path):
+    zero = tmp_path / "zero.parquet"
+    pq.write_table(pa.table({"id": ["a", "b", "c", "d"], "logp_mean_direct": [-2.0, 0.0, -2.0, -1.0]}), zero)
+    scores = [files[0], str(zero)]
+    with pytest.raises(
+        SelectionError, match=r"score file .*zero\.parquet: column logp_mean_direct is >= 0 .* ids \['b'\]"
+    ):
+        select(cfg(scores, tmp_path))
+    # the perplexity ratio is defined for it: exp(2 - 0) for b
+    table, _ = select(cfg(scores, tmp_path, method="superfiltering", ratio="ppl", drop="above", threshold=10.0))
+    assert table["id"].tolist()[0] == "b" and table["ifd"].tolist()[0] == pytest.approx(math.exp(2.0))
+
+
+def test_the_selection_table_and_summary_by_hand(files, tmp_path):
+    table, summary = select(cfg(files, tmp_path))
+    assert table.to_dict("list") == {
+        "id": ["b", "a", "c"],
+        "ifd": [1.0, 0.5, 0.25],
+        "loss_conditioned": [2.0, 1.0, 0.5],
+        "loss_direct": [2.0, 2.0, 2.0],
+        "rank": [0, 1, 2],
+    }
+    assert (summary["method"], summary["rate"], summary["threshold"]) == ("ifd", 1.0, 1.0)
+    assert (summary["n_scored"], summary["n_passing"], summary["n_selected"]) == (4, 3, 3)
+    # IFD [0.25, 0.5, 1, 3], linear interpolation between order statistics
+    assert summary["ifd_quantiles"] == {"0": 0.25, "0.25": 0.4375, "0.5": 0.75, "0.75": 1.5, "1": 3.0}
+
+
+def test_write_into_a_new_folder_and_read_the_subset_back(files, tmp_path):
+    out = tmp_path / "new" / "deeper" / "sel.parquet"
+    assert write(SelectConfig(scores=files, out=str(out), rate=1.0)) == out
+    assert pq.read_schema(out).names == ["id", "ifd", "loss_conditioned", "loss_direct", "rank"]  # no index column
+    summary = json.loads((out.parent / "sel.summary.json").read_text())
+    assert summary["n_selected"] == 3 and summary["method"] == "ifd"
+    assert read_subset(out) == ["b", "a", "c"]
+    (tmp_path / "ids.txt").write_text("b\n\n  a \nc\n")
+    assert read_subset(tmp_path / "ids.txt") == ["b", "a", "c"]
+    with pytest.raises(SelectionError, match="does not exist"):
+        read_subset(tmp_path / "none.txt")
