@@ -4,6 +4,7 @@ bench/mutation.py), on the table model of tests/test_world_metrics_reference.py.
 import json
 
 import pytest
+import torch
 from test_world_metrics_reference import TableDecoder, _table_logliks, evaluated  # noqa: F401 (a fixture)
 
 from atlantis.world import metrics
@@ -56,3 +57,69 @@ def test_evaluate_to_file_of_a_proxy_records_it(evaluated, tmp_path, monkeypatch
     assert record["metrics"] == pytest.approx(result)  # the same table behind the proxy
     with pytest.raises(ValueError, match="needs both proxy_small and proxy_ref"):
         metrics.EvaluateConfig(model=model, out=str(out), proxy_small="S")
+
+
+class Named:
+    """A stand-in model that knows which folder it was loaded from."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def eval(self):
+        return self
+
+
+def test_evaluate_hands_each_part_the_right_model_tokenizer_and_template(evaluated, tmp_path, monkeypatch):  # noqa: F811
+    """The loaders and decoders are stand-ins that record what they are given: the evaluated model's folder, fp32
+    on CPU, its tokenizer and the chat template reach every part; a proxy gets p_L, p_S, p_r and their tokenizers."""
+    seen = {"load_model": [], "SingleModel": [], "logliks": set(), "ProxyModel": [], "decoder_logliks": set()}
+
+    def load_model(path, dtype, device, *a, **k):
+        seen["load_model"].append((path, dtype, device))
+        return Named(path)
+
+    def single(model, tokenizer, template):
+        seen["SingleModel"].append((model.path, tokenizer, template))
+        return TableDecoder()
+
+    def logliks(model, tokenizer, template, pairs, batch=64):
+        seen["logliks"].add((model.path, tokenizer, template))
+        return _table_logliks(model, tokenizer, template, pairs)
+
+    def proxy_model(large, small, ref, toks, template):
+        seen["ProxyModel"].append((large.path, small.path, ref.path, toks, template))
+        decoder = TableDecoder()
+        decoder.name = "proxy"
+        return decoder
+
+    def decoder_logliks(decoder, pairs, batch=64):
+        seen["decoder_logliks"].add(decoder.name)
+        return _table_logliks(None, None, None, pairs)
+
+    monkeypatch.setattr("atlantis.models.load_model", load_model)
+    monkeypatch.setattr("atlantis.models.load_tokenizer", lambda path, *a, **k: f"tok:{path}")
+    monkeypatch.setattr("atlantis.proxy.SingleModel", single)
+    monkeypatch.setattr("atlantis.proxy.ProxyModel", proxy_model)
+    monkeypatch.setattr(metrics, "continuation_logliks", logliks)
+    monkeypatch.setattr(metrics, "decoder_logliks", decoder_logliks)
+    from atlantis.world.models import TEMPLATE_PATH
+
+    model, world = str(tmp_path / "table-model"), str(tmp_path / "world")
+    fp32_cpu = (torch.float32, torch.device("cpu"))
+    out = tmp_path / "new" / "deeper" / "m.json"
+    metrics.evaluate_to_file(metrics.EvaluateConfig(model=model, out=str(out), world=world))  # default template
+    assert seen["load_model"] == [(model, *fp32_cpu)]
+    assert seen["SingleModel"] == [(model, f"tok:{model}", str(TEMPLATE_PATH))]
+    assert seen["logliks"] == {(model, f"tok:{model}", str(TEMPLATE_PATH))}
+    assert json.loads(out.read_text())["metrics"] == pytest.approx(evaluated[0])
+
+    seen["load_model"].clear()
+    cfg = metrics.EvaluateConfig(
+        model=model, out=str(tmp_path / "p.json"), world=world, template="T.jinja", proxy_small="S", proxy_ref="R"
+    )
+    metrics.evaluate_to_file(cfg)
+    assert seen["load_model"] == [(model, *fp32_cpu), ("S", *fp32_cpu), ("R", *fp32_cpu)]
+    toks = {"large": f"tok:{model}", "small": "tok:S", "ref": "tok:R"}
+    assert seen["ProxyModel"] == [(model, "S", "R", toks, "T.jinja")]
+    assert seen["decoder_logliks"] == {"proxy"}
+    assert len(seen["SingleModel"]) == 1  # only the first run's
