@@ -3,6 +3,7 @@ survivors of bench/mutation.py), against values worked out here: partitions by h
 
 import hashlib
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -12,9 +13,9 @@ from tqdm import tqdm
 
 import atlantis.scoring as scoring
 from atlantis.data import DataConfig, load_samples
-from atlantis.models import load_tokenizer
+from atlantis.models import load_model, load_tokenizer
 from atlantis.render import RenderConfig, Rendered, Renderer
-from atlantis.scoring import ScoreConfig, ScoringError, make_batches, score
+from atlantis.scoring import ScoreConfig, ScoringError, make_batches, response_logprobs, score
 
 LONG = [
     {
@@ -110,3 +111,33 @@ def test_a_shard_table_has_the_schema_of_its_role(models, data_file, tmp_path):
             ("y_sha_ref", pa.string()),
         ]
     )
+
+
+def test_make_batches_token_budget_binds_at_two_rows():
+    # [x] then y: 2 rows x 11 = 22 > 20 padded tokens, so y starts a new batch
+    batches = make_batches([sample("x", 8), sample("y", 11)], max_tokens=20, max_batch=3)
+    assert [[s.id for s in b] for b in batches] == [["x"], ["y"]]
+
+
+def naive_logprob(model, ids: list[int], mask: list[bool]) -> float:
+    """Batch 1, full logits: Σ log p(token t | tokens < t) over the tokens t marked in `mask`."""
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, :-1].double(), -1)
+    picked = logp.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    return float(picked[torch.tensor(mask[1:])].sum())
+
+
+def test_left_padded_batch_and_a_response_from_token_one_equal_batch_one(models):
+    """A left-padded row needs the padding mask (its pads lie in the past of its tokens); a row whose response
+    starts at token 1 (a direct score of y after BOS alone) counts and scores that token too."""
+    model = load_model(models["llama"], torch.float32, torch.device("cpu"))
+    a_ids, a_mask = [1, 40, 41, 42, 43, 44], [False, False, False, True, True, True]  # prompt 3, response 3
+    b_ids, b_mask = [1, 50, 51, 52, 53, 54, 55, 56, 57], [False] + [True] * 8  # the response from token 1
+    width, pad = len(b_ids), 0
+    ids = torch.tensor([[pad] * (width - len(a_ids)) + a_ids, b_ids])
+    attn = torch.tensor([[0] * (width - len(a_ids)) + [1] * len(a_ids), [1] * width])
+    labels = torch.tensor([[False] * (width - len(a_mask)) + a_mask, b_mask])
+    sums, counts = response_logprobs(model, ids, attn, labels)
+    assert sums.shape == (2,) and counts.tolist() == [3, 8]
+    expected = [naive_logprob(model, a_ids, a_mask), naive_logprob(model, b_ids, b_mask)]
+    np.testing.assert_allclose(sums.numpy(), expected, atol=1e-4, rtol=0)
