@@ -34,6 +34,9 @@ def test_evaluate_to_file_writes_the_model_its_metrics_and_provenance(evaluated,
     # answers beside the output by default: <out without .json>.answers/
     answers = tmp_path / "eval" / "m.answers"
     assert (answers / "eval_open.jsonl").is_file() and (answers / "eval_mtbench.jsonl").is_file()
+    for name in ("eval_open", "eval_mtbench"):  # generated greedily, short, with the template asked for
+        settings = json.loads((answers / f"{name}.jsonl.settings.json").read_text())
+        assert (settings["template"], settings["temperature"], settings["max_new_tokens"]) == ("unused.jinja", 0.0, 8)
     # model_id is written into the answers
     cfg = metrics.EvaluateConfig(
         model=model, out=str(out), world=str(tmp_path / "world"), answers=str(tmp_path / "a2"), model_id="tbl"
