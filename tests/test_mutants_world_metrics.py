@@ -2,6 +2,7 @@
 bench/mutation.py), on the table model of tests/test_world_metrics_reference.py."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -126,3 +127,29 @@ def test_evaluate_hands_each_part_the_right_model_tokenizer_and_template(evaluat
     assert seen["ProxyModel"] == [(model, "S", "R", toks, "T.jinja")]
     assert seen["decoder_logliks"] == {"proxy"}
     assert len(seen["SingleModel"]) == 1  # only the first run's
+
+
+def test_a_second_model_evaluated_into_the_same_answers_replaces_them(evaluated, tmp_path):  # noqa: F811
+    first = tmp_path / "table-model"
+    second = tmp_path / "table-model-2"
+    second.mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        (second / name).write_text((first / name).read_text())
+    answers = str(tmp_path / "shared-answers")
+    for model in (first, second):
+        cfg = metrics.EvaluateConfig(model=str(model), out=str(tmp_path / "m.json"), world=str(tmp_path / "world"))
+        cfg.answers = answers
+        metrics.evaluate_to_file(cfg)
+    settings = json.loads((tmp_path / "shared-answers" / "eval_open.jsonl.settings.json").read_text())
+    assert settings["model"] == str(second)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # mc2 of all −inf
+def test_non_finite_metrics_are_refused(evaluated, tmp_path, monkeypatch):  # noqa: F811
+    # a true answer of probability 0: KL(p*‖p) = −log 0 = inf
+    monkeypatch.setattr(metrics, "continuation_logliks", lambda m, t, tpl, pairs, batch=64: [-math.inf] * len(pairs))
+    cfg = metrics.EvaluateConfig(
+        model=str(tmp_path / "table-model"), out=str(tmp_path / "m.json"), world=str(tmp_path / "world")
+    )
+    with pytest.raises(ValueError, match=r"non-finite metrics \['kl_mis', 'kl_normal', 'kl_skill', 'mc2'\]"):
+        metrics.evaluate_to_file(cfg)
