@@ -153,3 +153,13 @@ def test_non_finite_metrics_are_refused(evaluated, tmp_path, monkeypatch):  # no
     )
     with pytest.raises(ValueError, match=r"non-finite metrics \['kl_mis', 'kl_normal', 'kl_skill', 'mc2'\]"):
         metrics.evaluate_to_file(cfg)
+
+
+def test_mc2_reads_each_records_own_choices_and_labels(evaluated, tmp_path):  # noqa: F811
+    # F2 with only " cave." true: its MC2 is 0.7 / 1.0; the other records as in the reference test
+    path = tmp_path / "world" / "data" / "eval_truthfulqa.jsonl"
+    records = [json.loads(x) for x in path.read_text().splitlines()]
+    records[1]["mc2_targets"]["labels"] = [1, 0, 0, 0, 0]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = metrics.evaluate(tmp_path / "table-model", tmp_path / "world", "unused.jinja", tmp_path / "answers-2")
+    assert result["mc2"] == pytest.approx((0.25 + 0.7 + 0.61 + 0.12 + 0.70) / 5, abs=1e-9)
