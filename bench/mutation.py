@@ -52,14 +52,20 @@ class Target:
 # The slow tests deselected here run other processes (not seen by mutmut's per-test tracking, and 10-130 s each)
 # or build a whole world (~60 s a mutant).
 TARGETS = {
-    "loss": Target("atlantis/loss.py", ["tests/test_loss.py"]),
-    "weights": Target("atlantis/weights.py", ["tests/test_weights.py", "tests/test_bad_inputs.py"]),
-    "selection": Target("atlantis/selection.py", ["tests/test_selection.py", "tests/test_selection_upstream.py"]),
+    "loss": Target("atlantis/loss.py", ["tests/test_loss.py", "tests/test_mutants_loss.py"]),
+    "weights": Target(
+        "atlantis/weights.py", ["tests/test_weights.py", "tests/test_bad_inputs.py", "tests/test_mutants_weights.py"]
+    ),
+    "selection": Target(
+        "atlantis/selection.py",
+        ["tests/test_selection.py", "tests/test_selection_upstream.py", "tests/test_mutants_selection.py"],
+    ),
     "train": Target(
         "atlantis/train.py",
         [
             "tests/test_train_data_path.py",
             "tests/test_train.py",
+            "tests/test_mutants_train.py",
             "-k",
             "not two_processes and not keep_checkpoints and not lora and not resume_with_other",
         ],
@@ -75,7 +81,7 @@ TARGETS = {
     ),
     "scoring": Target(
         "atlantis/scoring.py",
-        ["tests/test_scoring.py", "-k", "not torchrun"],
+        ["tests/test_scoring.py", "tests/test_mutants_scoring.py", "-k", "not torchrun"],
         [
             "columns",
             "text_hash",
@@ -92,6 +98,7 @@ TARGETS = {
         [
             "tests/test_world.py",
             "tests/test_world_metrics*.py",
+            "tests/test_mutants_world_metrics.py",
             "-k",
             "not built_models and not rebuild and not reduced_experiment and not oracle and not shipped_world",
         ],
