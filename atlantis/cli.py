@@ -7,8 +7,8 @@ import logging
 import os
 import signal
 import sys
-import threading
 import textwrap
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
