@@ -109,6 +109,11 @@ class MapConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig, help="Fine-tuning of p_L (every arm).")
     bootstrap: int = field(10_000, help="Replicates of the two-level bootstrap over worlds and seeds.")
     threads: int = field(2, help="torch threads.")
+    report: bool = field(
+        True,
+        help="Write the tables, figures and provenance; false: only run and cache (one family's job of the "
+        "workflow, which then writes work/done-<families>.json).",
+    )
 
     def __post_init__(self) -> None:
         bad = [a for a in self.arms if a not in ARMS or a in ("sft", "control_ref_d", "control_permuted")]
@@ -181,14 +186,15 @@ def _link(target: Path, link: Path) -> None:
     link.symlink_to(target.resolve(), target_is_directory=True)
 
 
-def cell_world(cfg: MapConfig, base_dir: Path, cell: dict, work: Path) -> Path:
-    """A world folder for a cell: its data sets, and models linked from the base world except those its knob
-    changes (p_S re-pre-trained for `small_known`; p_r re-tuned for every knob but the distortion of D)."""
+def cell_world(base_dir: Path, cell: dict, work: Path, family: str) -> Path:
+    """A world folder for a cell and family: its data sets, and models linked from the base world except those
+    its knob changes (p_S re-pre-trained for `small_known`; p_r re-tuned for every knob but D's distortion).
+    One folder per family, so the families' jobs can run side by side."""
     from atlantis.world.build import ReferenceConfig, tune_reference
 
     if cell["axis"] == "default":
         return base_dir
-    folder = work / "cells" / cell["cell"] / "world"
+    folder = work / "cells" / cell["cell"] / f"world-{family}"
     manifest = folder / "manifest.json"
     if manifest.is_file():
         return folder
@@ -198,27 +204,26 @@ def cell_world(cfg: MapConfig, base_dir: Path, cell: dict, work: Path) -> Path:
     pre = M.PretrainConfig(**base_manifest["config"]["pretrain"])
     refcfg = ReferenceConfig(**base_manifest["config"]["reference"])
     timings = {}
-    for family in cfg.families:
-        models = folder / "models"
-        _link(base_dir / "models" / f"{family}-large", models / f"{family}-large")
-        small = models / f"{family}-small"
-        if cell["axis"] == "small_known":
-            # the same tokenizer (trained on the large corpus, which this knob leaves alone) and recipe
-            t = time.perf_counter()
-            tok = M.build_tokenizer(family, sets["corpus"])
-            model = M.build_model(family, "small", tok, seed=pre.seed)
-            M.pretrain(model, tok, sets["corpus_small"], pre)
-            M.save(model, tok, small, instruct=False)
-            timings[f"{family}-small"] = time.perf_counter() - t
-        else:
-            _link(base_dir / "models" / f"{family}-small", small)
-        ref = models / f"{family}-small-ref"
-        if cell["axis"] == "misconception_share":
-            _link(base_dir / "models" / f"{family}-small-ref", ref)
-        else:
-            t = time.perf_counter()
-            tune_reference(small, folder / "data" / "curated.jsonl", ref, refcfg, pre.seed)
-            timings[f"{family}-small-ref"] = time.perf_counter() - t
+    models = folder / "models"
+    _link(base_dir / "models" / f"{family}-large", models / f"{family}-large")
+    small = models / f"{family}-small"
+    if cell["axis"] == "small_known":
+        # the same tokenizer (trained on the large corpus, which this knob leaves alone) and recipe
+        t = time.perf_counter()
+        tok = M.build_tokenizer(family, sets["corpus"])
+        model = M.build_model(family, "small", tok, seed=pre.seed)
+        M.pretrain(model, tok, sets["corpus_small"], pre)
+        M.save(model, tok, small, instruct=False)
+        timings[f"{family}-small"] = time.perf_counter() - t
+    else:
+        _link(base_dir / "models" / f"{family}-small", small)
+    ref = models / f"{family}-small-ref"
+    if cell["axis"] == "misconception_share":
+        _link(base_dir / "models" / f"{family}-small-ref", ref)
+    else:
+        t = time.perf_counter()
+        tune_reference(small, folder / "data" / "curated.jsonl", ref, refcfg, pre.seed)
+        timings[f"{family}-small-ref"] = time.perf_counter() - t
     record = {
         "config": {**base_manifest["config"], "world": config_lib.to_dict(cell["world"])},
         "base_world": str(base_dir),
@@ -232,27 +237,36 @@ def cell_world(cfg: MapConfig, base_dir: Path, cell: dict, work: Path) -> Path:
     return folder
 
 
-def seed_world(cfg: MapConfig, shipped: Path, seed: int, work: Path) -> Path:
-    """The world of another seed: the shipped generator and recipes, small and large of each family."""
+def seed_world(cfg: MapConfig, shipped: Path, seed: int, work: Path, family: str) -> Path:
+    """The world of another seed: the shipped generator and recipes, small and large of the family (and its
+    references, as `atlantis world build` makes them). Families' jobs build one world folder in turn (a lock)."""
+    import fcntl
+
     from atlantis.world.build import BuildConfig, ReferenceConfig, build
 
     if seed == world_config(shipped).seed:
         return shipped
     recorded = json.loads((shipped / "manifest.json").read_text())["config"]
     folder = work / "worlds" / f"seed{seed}"
-    have = all((folder / "models" / f"{f}-{s}").is_dir() for f in cfg.families for s in ("small", "large", "small-ref"))
-    if not (have and (folder / "manifest.json").is_file()):
-        build(
-            BuildConfig(
-                out=str(folder),
-                world=dataclasses.replace(world_config(shipped), seed=seed),
-                pretrain=dataclasses.replace(M.PretrainConfig(**recorded["pretrain"]), seed=seed),
-                reference=ReferenceConfig(**recorded["reference"]),
-                families=cfg.families,
-                sizes=["small", "large"],
-                threads=cfg.threads,
-            )
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f"seed{seed}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        models = [folder / "models" / f"{family}-{size}" for size in ("small", "large", "small-ref", "small-ref-d")]
+        recorded_models = (
+            json.loads((folder / "manifest.json").read_text())["models"] if (folder / "manifest.json").is_file() else {}
         )
+        if not all(m.is_dir() and m.name in recorded_models for m in models):
+            build(
+                BuildConfig(
+                    out=str(folder),
+                    world=dataclasses.replace(world_config(shipped), seed=seed),
+                    pretrain=dataclasses.replace(M.PretrainConfig(**recorded["pretrain"]), seed=seed),
+                    reference=ReferenceConfig(**recorded["reference"]),
+                    families=[family],
+                    sizes=["small", "large"],
+                    threads=cfg.threads,
+                )
+            )
     return folder
 
 
@@ -358,9 +372,6 @@ def run(cfg: MapConfig) -> pd.DataFrame:
     todo = [(cell, base.seed) for cell in grid] + [(grid[0], s) for s in cfg.world_seeds if s != base.seed]
     for cell, wseed in todo:
         t = time.perf_counter()
-        # a knob's cell derives from the shipped world; another world seed holds only the default cell
-        world = cell_world(cfg, shipped, cell, work) if wseed == base.seed else seed_world(cfg, shipped, wseed, work)
-        worlds[f"{cell['cell']}/seed{wseed}"] = world
         tag = {
             "cell": cell["cell"],
             "axis": cell["axis"],
@@ -368,6 +379,12 @@ def run(cfg: MapConfig) -> pd.DataFrame:
             "world_seed": wseed,
         }
         for family in cfg.families:
+            # a knob's cell derives from the shipped world; another world seed holds only the default cell
+            if wseed == base.seed:
+                world = cell_world(shipped, cell, work, family)
+            else:
+                world = seed_world(cfg, shipped, wseed, work, family)
+            worlds[f"{cell['cell']}/seed{wseed}/{family}"] = world
             cell_rows, diag = run_cell(cfg, world, family, work, tag)
             rows += cell_rows
             for _, w in diag["weights"].iterrows():
@@ -384,7 +401,11 @@ def run(cfg: MapConfig) -> pd.DataFrame:
         timings[f"{cell['cell']}/seed{wseed}"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
     runs = pd.DataFrame(rows)
-    write_outputs(cfg, runs, pd.DataFrame(diags), timings, worlds)
+    if cfg.report:
+        write_outputs(cfg, runs, pd.DataFrame(diags), timings, worlds)
+    else:  # one family's job of the workflow: its runs are cached; the report job reads them back
+        done = work / f"done-{'-'.join(cfg.families)}.json"
+        done.write_text(json.dumps({"runs": len(runs), "timings_s": timings}, indent=1) + "\n")
     return runs
 
 

@@ -549,7 +549,16 @@ def plan_alternatives():
 MAP_CONFIG = "config/map.yaml"
 
 
+def map_settings():
+    with open(MAP_CONFIG) as fh:
+        return yaml.safe_load(fh)
+
+
 def map_metrics():
     """The p*-metrics the map reports (config/map.yaml): one heatmap each."""
-    with open(MAP_CONFIG) as fh:
-        return yaml.safe_load(fh)["metrics"]
+    return map_settings()["metrics"]
+
+
+def map_families():
+    """The map's families (config/map.yaml): one job each."""
+    return map_settings()["families"]
