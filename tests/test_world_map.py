@@ -106,7 +106,14 @@ def test_map_config_validation():
 def test_shipped_map_config_loads():
     cfg = config_lib.load(wmap.MapConfig, ROOT / "config" / "map.yaml")
     assert cfg.families == ["lumi", "quen"] and len(cfg.seeds) >= 3 and len(cfg.world_seeds) >= 3
-    assert len(wmap.cells(cfg, WorldConfig())) == 10
+    assert [c["cell"] for c in wmap.cells(cfg, WorldConfig())] == [
+        "default",
+        "curated_per_fact=1",
+        "curated_per_fact=8",
+        "curated_true=0.7",
+        "small_known=1.0",
+        "misconception_share=0.3",
+    ]
 
 
 @needs_world

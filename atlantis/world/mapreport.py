@@ -136,10 +136,32 @@ def write_markdown(cfg, summary: pd.DataFrame, worlds_table: pd.DataFrame, timin
             + " | ".join(f"{r[c]:+.3f}" for c in wcols)
             + " |"
         )
+    lines += ["", "## Does the assumption's strength predict the gain?", ""]
+    lines += assumption_vs_gain(cfg, summary)
     lines += ["", f"Time: {timings.get('total_s', 0):.0f} s for this call (work cached in `work/` is reused)."]
     path = Path(cfg.out) / "map.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def assumption_vs_gain(cfg, summary: pd.DataFrame) -> list[str]:
+    """Across every cell and world: Pearson correlation of each assumption measure with Δ of each metric."""
+    lines = [
+        "Pearson correlation, across all cells and worlds of both families (n points), of each measure with Δ "
+        "(arm − SFT; for a ↓ metric a negative correlation means the measure predicts a gain).",
+        "",
+        "| arm | metric | n | r (assumption) vs Δ | weights' AUC vs Δ | ESS/N vs Δ |",
+        "|---|---|---|---|---|---|",
+    ]
+    for arm in cfg.arms:
+        for metric in [m for m in TABLE if m in cfg.metrics]:
+            part = summary[(summary["arm"] == arm) & (summary["metric"] == metric)]
+            cells = [
+                f"{np.corrcoef(part[x], part['diff'])[0, 1]:+.2f}" if len(part) > 2 and part[x].std() > 0 else ""
+                for x in ("pearson_sum", "auc", "ess_over_n")
+            ]
+            lines.append(f"| {arm} | {metric} | {len(part)} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _grid(cfg, part: pd.DataFrame, metric: str):
