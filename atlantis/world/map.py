@@ -109,6 +109,10 @@ class MapConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig, help="Fine-tuning of p_L (every arm).")
     bootstrap: int = field(10_000, help="Replicates of the two-level bootstrap over worlds and seeds.")
     threads: int = field(2, help="torch threads.")
+    only_cached: bool = field(
+        False,
+        help="Report only the runs already cached (no fine-tuning, no world built): a partial map, stated as such.",
+    )
     report: bool = field(
         True,
         help="Write the tables, figures and provenance; false: only run and cache (one family's job of the "
@@ -328,6 +332,8 @@ def run_cell(cfg: MapConfig, world: Path, family: str, work: Path, tag: dict) ->
             eval_key = _key({"train": train_key, "eval": eval_sha})
             run_dir, metrics_path = work / "train" / train_key, work / "eval" / f"{eval_key}.json"
             t = time.perf_counter()
+            if cfg.only_cached and not metrics_path.is_file():
+                continue
             if not metrics_path.is_file():
                 if not (run_dir / "final" / "model.safetensors").is_file():
                     shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted run: start it again
@@ -350,6 +356,14 @@ def run_cell(cfg: MapConfig, world: Path, family: str, work: Path, tag: dict) ->
             )
         log.info("%s, world seed %s, %s: seed %s done", tag["cell"], tag["world_seed"], family, seed)
     return rows, diag
+
+
+def _ready(shipped: Path, cell: dict, work: Path, family: str, wseed: int, base_seed: int) -> bool:
+    """Whether a cell's world folder is complete (only_cached: a report of what has run, nothing made)."""
+    if wseed != base_seed:
+        manifest = work / "worlds" / f"seed{wseed}" / "manifest.json"
+        return manifest.is_file() and f"{family}-small-ref" in json.loads(manifest.read_text())["models"]
+    return cell["axis"] == "default" or (work / "cells" / cell["cell"] / f"world-{family}" / "manifest.json").is_file()
 
 
 def run(cfg: MapConfig) -> pd.DataFrame:
@@ -379,6 +393,8 @@ def run(cfg: MapConfig) -> pd.DataFrame:
             "world_seed": wseed,
         }
         for family in cfg.families:
+            if cfg.only_cached and not _ready(shipped, cell, work, family, wseed, base.seed):
+                continue
             # a knob's cell derives from the shipped world; another world seed holds only the default cell
             if wseed == base.seed:
                 world = cell_world(shipped, cell, work, family)
@@ -419,6 +435,8 @@ def summarise_cells(cfg: MapConfig, runs: pd.DataFrame, diags: pd.DataFrame) -> 
         for arm in cfg.arms:
             mine = part[part["arm"] == arm].set_index("seed")
             common = sorted(set(mine.index) & set(sft.index))
+            if not common:  # only_cached: a cell not run yet
+                continue
             d = diags[
                 (diags["world_seed"] == wseed)
                 & (diags["cell"] == cell)

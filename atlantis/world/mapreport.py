@@ -170,14 +170,21 @@ def _grid(cfg, part: pd.DataFrame, metric: str):
     diff = np.full((len(AXIS_NAMES), width), np.nan)
     marks = [[""] * width for _ in AXIS_NAMES]
     labels = [[""] * width for _ in AXIS_NAMES]
+    from atlantis.world.experiment import world_config
+    from atlantis.world.map import _value
+
+    base = world_config(Path(cfg.world))
     default = part[part["cell"] == "default"].set_index("metric")
     for i, axis in enumerate(AXIS_NAMES):
         for j, value in enumerate(getattr(cfg, axis)):
             rows = part[(part["axis"] == axis) & (part["value"].astype(str) == str(value))]
+            shipped = value == _value(base, axis)
+            if rows.empty and (not shipped or default.empty):
+                continue  # a cell not run (only_cached)
             r = rows.set_index("metric").loc[metric] if len(rows) else default.loc[metric]
             diff[i, j] = r["diff"]
             marks[i][j] = sign_mark(r["ci_low"], r["ci_high"])
-            labels[i][j] = f"{value}" + (" (shipped)" if rows.empty else "")
+            labels[i][j] = f"{value}" + (" (shipped)" if shipped else "")
     return diff, marks, labels
 
 
