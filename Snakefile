@@ -16,6 +16,7 @@ include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/benchmarks.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/envs.smk"
+include: "workflow/rules/map.smk"
 
 
 if "smoke" in config:

@@ -248,6 +248,18 @@ def _world_experiment(cfg):
     return run(cfg)
 
 
+def _world_map_cfg():
+    from atlantis.world.map import MapConfig
+
+    return MapConfig
+
+
+def _world_map(cfg):
+    from atlantis.world.map import run
+
+    return run(cfg)
+
+
 def _world_evaluate_cfg():
     from atlantis.world.metrics import EvaluateConfig
 
@@ -367,6 +379,12 @@ VERBS: dict[str, Verb] = {
         _world_experiment_cfg,
         _world_experiment,
         "atlantis world experiment world=results/tiny/world out=results/tiny seeds=0,1,2",
+    ),
+    "world map": Verb(
+        "Map where ATLANTIS helps: SFT vs ATLANTIS over the world's knobs, both families, seeds and worlds.",
+        _world_map_cfg,
+        _world_map,
+        "atlantis world map --config config/map.yaml",
     ),
     "world evaluate": Verb(
         "Every p*-metric of one model on the tiny world's held-out sets (KL, MC1/MC2, exact answers, judge).",

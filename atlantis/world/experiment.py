@@ -112,6 +112,8 @@ def score_and_weigh(cfg: ExperimentConfig, work: Path) -> dict[str, Path]:
     data = DataConfig(path=str(Path(cfg.world) / "data" / "sft.jsonl"))
     render = RenderConfig(template=str(M.TEMPLATE_PATH))
     roles = {"small": "small", "ref": "small-ref", "refd": "small-ref-d", "large": cfg.large}
+    if not any(ARMS[a] is not None and ARMS[a][2] == "refd" for a in cfg.arms):
+        del roles["refd"]  # only control 1 reads the reference tuned on D (a world of the map has none)
     scores = {}
     for role, suffix in roles.items():
         out = work / "scores" / f"{role}.parquet"

@@ -7,6 +7,8 @@ import re
 import subprocess
 from pathlib import Path
 
+import yaml
+
 from atlantis.launch import srun_prefix
 from atlantis.plan import JudgeWork, PlannedJob
 from atlantis.selection import selection_scorers
@@ -540,3 +542,23 @@ def plan_alternatives():
         size = size_of(spec["model"])
         out.append((f"{large} ({size.params / 1e9:.2f}B)", "; ".join(cells)))
     return out
+
+
+# ------------------------------------------------------------------------------------ the tiny world's map
+
+MAP_CONFIG = "config/map.yaml"
+
+
+def map_settings():
+    with open(MAP_CONFIG) as fh:
+        return yaml.safe_load(fh)
+
+
+def map_metrics():
+    """The p*-metrics the map reports (config/map.yaml): one heatmap each."""
+    return map_settings()["metrics"]
+
+
+def map_families():
+    """The map's families (config/map.yaml): one job each."""
+    return map_settings()["families"]
