@@ -550,7 +550,9 @@ MAP_CONFIG = "config/map.yaml"
 
 
 def map_settings():
-    with open(MAP_CONFIG) as fh:
+    """config/map.yaml, from the working directory, else beside the Snakefile (a run from another folder)."""
+    path = MAP_CONFIG if os.path.exists(MAP_CONFIG) else os.path.join(workflow.basedir, MAP_CONFIG)
+    with open(path) as fh:
         return yaml.safe_load(fh)
 
 
