@@ -47,6 +47,16 @@ def _set_mtime(path: Path, t: float) -> None:
     os.utime(path, (t, t))
 
 
+def _due_after_touching(work: Path, path: Path) -> set[str]:
+    """The outputs due once `path` is newer than every output; its mtime is put back afterwards."""
+    before = path.stat().st_mtime
+    try:
+        _set_mtime(path, time.time() + 2000)
+        return _due(work)
+    finally:
+        _set_mtime(path, before)
+
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory) -> Path:
     """A scratch copy of the tiny profile's inputs with every output of the DAG present and up to date."""
@@ -86,13 +96,7 @@ def _runs(paths: set[str]) -> set[str]:
 def test_a_changed_model_reruns_exactly_its_dependents(finished):
     cfg = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
     all_outputs = set(_outputs(finished))
-    model = finished / RESULTS / "world" / "models" / "quen-small" / "model.safetensors"
-    before = model.stat().st_mtime
-    try:
-        _set_mtime(model, time.time() + 2000)
-        due = _due(finished)
-    finally:
-        _set_mtime(model, before)
+    due = _due_after_touching(finished, finished / RESULTS / "world" / "models" / "quen-small" / "model.safetensors")
     # quen-small is the quen family's p_S (weights), the Superfiltering scorer of quen-large (`scorers:
     # {superfiltering: small}`) and the proxy's small model (Table 7)
     sel = cfg["experiments"]["selection"]
@@ -127,13 +131,7 @@ def test_a_changed_model_reruns_exactly_its_dependents(finished):
 
 def test_changed_world_data_regrades_every_model_and_trains_nothing(finished):
     """The held-out questions are read by the graders only: every evaluation is due, no score or training job."""
-    data = finished / RESULTS / "world" / "data" / "eval_truthfulqa.jsonl"
-    before = data.stat().st_mtime
-    try:
-        _set_mtime(data, time.time() + 2000)
-        due = _due(finished)
-    finally:
-        _set_mtime(data, before)
+    due = _due_after_touching(finished, finished / RESULTS / "world" / "data" / "eval_truthfulqa.jsonl")
     assert not _runs(due) and not {p for p in due if "/scores/" in p or "/weights/" in p}
     evaluated = {p for p, rule in _outputs(finished).items() if rule.startswith("world_evaluate")}
     assert evaluated and evaluated <= due  # the 3 fixed models and the proxy included
