@@ -90,10 +90,14 @@ def _write(path, rows):
 
 @pytest.fixture()
 def evaluated(tmp_path, monkeypatch):
+    return _evaluate(tmp_path, monkeypatch, FACTS)
+
+
+def _evaluate(tmp_path, monkeypatch, facts):
     world = tmp_path / "world" / "data"
     world.mkdir(parents=True)
     tqa = []
-    for q, truth, wrong, known, mc1 in FACTS:
+    for q, truth, wrong, known, mc1 in facts:
         false = [f" {v}." for v in mc1[1:]]
         tqa.append(
             {
@@ -118,7 +122,7 @@ def evaluated(tmp_path, monkeypatch):
             "misconception": [wrong],
             "known_by_small": [known],
         }
-        for i, (q, truth, wrong, known, _) in enumerate(FACTS)
+        for i, (q, truth, wrong, known, _) in enumerate(facts)
     ] + [
         {
             "question_id": f"e-sum-{i}",
@@ -137,10 +141,10 @@ def evaluated(tmp_path, monkeypatch):
             {
                 "question_id": f"mt-{i}",
                 "category": "knowledge",
-                "turns": [FACTS[a][0], FACTS[b][0]],
-                "reference": [FACTS[a][1], FACTS[b][1]],
-                "misconception": [FACTS[a][2], FACTS[b][2]],
-                "known_by_small": [FACTS[a][3], FACTS[b][3]],
+                "turns": [facts[a][0], facts[b][0]],
+                "reference": [facts[a][1], facts[b][1]],
+                "misconception": [facts[a][2], facts[b][2]],
+                "known_by_small": [facts[a][3], facts[b][3]],
             }
             for i, (a, b) in enumerate(MTBENCH)
         ],
@@ -222,3 +226,23 @@ def test_exact_answers_skill_and_judge(evaluated):
     mt = [json.loads(line) for line in (answers / "eval_mtbench.jsonl").read_text().splitlines()]
     turns = [r["choices"][0]["turns"] for r in mt]
     assert turns == [["navy.", "cave."], ["fish.", "white."], ["it is grass.", "cave."]]
+
+
+def test_no_unseen_fact_gives_nan_and_nothing_else_changes(tmp_path, monkeypatch):
+    """A world whose small models see every fact (`small_known=1`, the map's no-gap cell) has no "facts p_S never
+    saw": that metric is undefined (NaN, not 0 and not an error), and every other metric is what it was."""
+    seen = [(q, truth, wrong, True, mc1) for q, truth, wrong, _, mc1 in FACTS]
+    result, _, _ = _evaluate(tmp_path / "seen", monkeypatch, seen)
+    reference, _, _ = _evaluate(tmp_path / "gap", monkeypatch, FACTS)
+    assert math.isnan(result["truth_em_unseen"])
+    assert {k: v for k, v in result.items() if k != "truth_em_unseen"} == pytest.approx(
+        {k: v for k, v in reference.items() if k != "truth_em_unseen"}, abs=1e-12
+    )
+
+
+def test_a_non_finite_metric_otherwise_stops(tmp_path, monkeypatch):
+    """The NaN above is the only one allowed: a model that puts no mass on a true answer stops with its folder."""
+    monkeypatch.setitem(TABLE, "Q: zorb home?", {**TABLE["Q: zorb home?"], " cave.": 0.0})
+    monkeypatch.setattr(math, "log", lambda x: -math.inf if x == 0 else np.log(x))
+    with pytest.raises(ValueError, match="non-finite metrics"):
+        _evaluate(tmp_path, monkeypatch, FACTS)
