@@ -172,3 +172,33 @@ def test_map_on_a_micro_grid(tmp_path, monkeypatch):
     # a rerun resumes from the cache: no new fine-tuning
     wmap.run(cfg)
     assert len(calls) == 6
+
+
+@needs_world
+def test_another_world_seed_is_built_per_family(tmp_path, monkeypatch):
+    """Each family's job builds its own folder of another world seed (side by side, no shared lock), with the
+    shipped world's recipes and the seed in both the generator and pre-training; the shipped seed is the shipped
+    folder itself."""
+    calls = []
+
+    def build(bcfg):
+        calls.append(bcfg)
+        folder = Path(bcfg.out)
+        names = [f"{f}-{s}" for f in bcfg.families for s in ("small", "large", "small-ref", "small-ref-d")]
+        for name in names:
+            (folder / "models" / name).mkdir(parents=True)
+        (folder / "manifest.json").write_text(json.dumps({"models": {n: {} for n in names}}))
+
+    monkeypatch.setattr("atlantis.world.build.build", build)
+    cfg = wmap.MapConfig(threads=1)
+    assert wmap.seed_world(cfg, SHIPPED, world_config(SHIPPED).seed, tmp_path, "lumi") == SHIPPED
+    folders = {family: wmap.seed_world(cfg, SHIPPED, 1, tmp_path, family) for family in ("lumi", "quen")}
+    assert folders == {f: tmp_path / "worlds" / f"seed1-{f}" for f in ("lumi", "quen")}
+    assert [(c.families, c.sizes, c.world.seed, c.pretrain.seed, c.threads) for c in calls] == [
+        (["lumi"], ["small", "large"], 1, 1, 1),
+        (["quen"], ["small", "large"], 1, 1, 1),
+    ]
+    shipped = json.loads((SHIPPED / "manifest.json").read_text())["config"]
+    assert dataclasses.replace(calls[0].world, seed=shipped["world"]["seed"]) == world_config(SHIPPED)
+    assert wmap.seed_world(cfg, SHIPPED, 1, tmp_path, "lumi") == folders["lumi"] and len(calls) == 2  # built once
+    assert wmap._ready(SHIPPED, {"axis": "default"}, tmp_path, "quen", 1, 0)
