@@ -169,9 +169,22 @@ def test_map_on_a_micro_grid(tmp_path, monkeypatch):
     record = json.loads((tmp_path / "map" / "provenance.json").read_text())
     assert record["config"]["seeds"] == [0, 1] and "git" in record
     assert "| default |" in (tmp_path / "map" / "map.md").read_text()
-    # a rerun resumes from the cache: no new fine-tuning
+    # a rerun resumes from the cache: no new fine-tuning, and the same bytes (a PDF has no creation date)
+    first = {p.name: p.read_bytes() for p in (tmp_path / "figures").iterdir()}
     wmap.run(cfg)
     assert len(calls) == 6
+    assert {p.name: p.read_bytes() for p in (tmp_path / "figures").iterdir()} == first
+    # the workflow's way: a family job runs the cells (report=false), the report then records that job's time
+    wmap.run(dataclasses.replace(cfg, report=False))
+    job = json.loads((tmp_path / "map" / "work" / "done-lumi.json").read_text())
+    assert job["runs"] == 8 and set(job["timings_s"]) == {"default/seed0", "curated_per_fact=1/seed0", "total_s"}
+    wmap.run(cfg)
+    record = json.loads((tmp_path / "map" / "provenance.json").read_text())
+    assert record["family_jobs"] == {"done-lumi": job} and len(calls) == 6
+    assert (
+        "the family jobs' last runs (`work/done-*.json`, side by side): lumi "
+        in (tmp_path / "map" / "map.md").read_text()
+    )
 
 
 @needs_world

@@ -43,6 +43,10 @@ def sign_mark(low: float, high: float) -> str:
     return "+" if low > 0 else "−" if high < 0 else ""
 
 
+# no creation date in a PDF: a rerun from the cache writes the same bytes, so provenance's hashes compare runs
+STABLE_PDF = {"CreationDate": None}
+
+
 def _ci(diff: float, low: float, high: float) -> str:
     inner = "" if math.isnan(low) else f" [{low:+.3f}, {high:+.3f}]"
     return f"{diff:+.3f}{inner}"
@@ -54,6 +58,8 @@ def write_outputs(cfg, runs: pd.DataFrame, diags: pd.DataFrame, timings: dict, w
     out, figs = Path(cfg.out), Path(cfg.figures)
     out.mkdir(parents=True, exist_ok=True)
     figs.mkdir(parents=True, exist_ok=True)
+    # the workflow's family jobs ran the cells (`report=false`) and left their timings beside the cache
+    jobs = {p.stem: json.loads(p.read_text()) for p in sorted((out / "work").glob("done-*.json"))}
     summary = summarise_cells(cfg, runs, diags)
     worlds_table = across_worlds(cfg, runs)
     runs.to_csv(out / "runs.csv", index=False)
@@ -63,7 +69,7 @@ def write_outputs(cfg, runs: pd.DataFrame, diags: pd.DataFrame, timings: dict, w
         out / "runs.csv",
         out / "cells.csv",
         out / "worlds.csv",
-        write_markdown(cfg, summary, worlds_table, timings),
+        write_markdown(cfg, summary, worlds_table, timings, jobs),
     ]
     for metric in cfg.metrics:
         written += heatmap(cfg, summary, metric, figs)
@@ -79,6 +85,7 @@ def write_outputs(cfg, runs: pd.DataFrame, diags: pd.DataFrame, timings: dict, w
             for name, folder in worlds.items()
         },
         "timings_s": timings,
+        "family_jobs": jobs,
         "outputs_sha256": {str(p): provenance.file_sha256(p) for p in written},
         **provenance.environment(),
     }
@@ -86,7 +93,9 @@ def write_outputs(cfg, runs: pd.DataFrame, diags: pd.DataFrame, timings: dict, w
     log.info("map written to %s and %s", out, figs)
 
 
-def write_markdown(cfg, summary: pd.DataFrame, worlds_table: pd.DataFrame, timings: dict) -> Path:
+def write_markdown(
+    cfg, summary: pd.DataFrame, worlds_table: pd.DataFrame, timings: dict, jobs: dict | None = None
+) -> Path:
     lines = [
         "# Where does weak-to-strong importance sampling work? The tiny world's map",
         "",
@@ -138,7 +147,11 @@ def write_markdown(cfg, summary: pd.DataFrame, worlds_table: pd.DataFrame, timin
         )
     lines += ["", "## Does the assumption's strength predict the gain?", ""]
     lines += assumption_vs_gain(cfg, summary)
-    lines += ["", f"Time: {timings.get('total_s', 0):.0f} s for this call (work cached in `work/` is reused)."]
+    time_line = f"Time: {timings.get('total_s', 0):.0f} s for this call (work cached in `work/` is reused)"
+    if jobs:  # what the cells cost when they last ran: a resumed job records only its own part
+        ran = ", ".join(f"{n.removeprefix('done-')} {job['timings_s']['total_s']:.0f} s" for n, job in jobs.items())
+        time_line += f"; the family jobs' last runs (`work/done-*.json`, side by side): {ran}"
+    lines += ["", time_line + "."]
     path = Path(cfg.out) / "map.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -222,7 +235,7 @@ def heatmap(cfg, summary: pd.DataFrame, metric: str, folder: Path) -> list[Path]
     fig.tight_layout()
     paths = [folder / f"map-{metric}.{ext}" for ext in ("png", "pdf")]
     for p in paths:
-        fig.savefig(p, dpi=150)
+        fig.savefig(p, dpi=150, metadata=STABLE_PDF if p.suffix == ".pdf" else None)
     plt.close(fig)
     return paths
 
@@ -266,6 +279,6 @@ def scatter(cfg, summary: pd.DataFrame, folder: Path) -> list[Path]:
     fig.tight_layout()
     paths = [folder / f"map-scatter.{ext}" for ext in ("png", "pdf")]
     for p in paths:
-        fig.savefig(p, dpi=150)
+        fig.savefig(p, dpi=150, metadata=STABLE_PDF if p.suffix == ".pdf" else None)
     plt.close(fig)
     return paths
