@@ -58,12 +58,19 @@ class FiguresConfig:
             raise ValueError(f"samples must be at least 2, got {self.samples}")
 
 
-def _save(fig, out: Path, stem: str) -> list[Path]:
+def save(fig, out: Path, stem: str, pdf_dpi: float | str = "figure", **savefig) -> list[Path]:
+    """`<stem>.png` at 150 dpi and `<stem>.pdf` (`pdf_dpi` sets its raster parts), then close the figure: the
+    paper figures and the map's. The PDF carries no creation date: the same data writes the same bytes, so
+    provenance's hashes compare runs."""
     paths = [out / f"{stem}.png", out / f"{stem}.pdf"]
-    fig.savefig(paths[0], dpi=150, bbox_inches="tight")
-    fig.savefig(paths[1], bbox_inches="tight", metadata={"CreationDate": None})  # same data, same bytes
+    fig.savefig(paths[0], dpi=150, **savefig)
+    fig.savefig(paths[1], dpi=pdf_dpi, metadata={"CreationDate": None}, **savefig)
     plt.close(fig)
     return paths
+
+
+def _save(fig, out: Path, stem: str) -> list[Path]:
+    return save(fig, out, stem, bbox_inches="tight")
 
 
 def _weights(cfg: FiguresConfig, family: str) -> pd.DataFrame:

@@ -43,10 +43,6 @@ def sign_mark(low: float, high: float) -> str:
     return "+" if low > 0 else "−" if high < 0 else ""
 
 
-# no creation date in a PDF: a rerun from the cache writes the same bytes, so provenance's hashes compare runs
-STABLE_PDF = {"CreationDate": None}
-
-
 def _ci(diff: float, low: float, high: float) -> str:
     inner = "" if math.isnan(low) else f" [{low:+.3f}, {high:+.3f}]"
     return f"{diff:+.3f}{inner}"
@@ -203,10 +199,7 @@ def _grid(cfg, part: pd.DataFrame, metric: str):
 
 def heatmap(cfg, summary: pd.DataFrame, metric: str, folder: Path) -> list[Path]:
     """Δ per cell, one panel per family × arm; '(+)'/'(−)' where the seeds' 95% interval excludes 0."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from atlantis.figures import plt, save  # matplotlib on its file backend (Agg), as for the paper's figures
 
     seed0 = summary[summary["world_seed"] == summary["world_seed"].min()]
     part = seed0[seed0["metric"] == metric]
@@ -233,19 +226,12 @@ def heatmap(cfg, summary: pd.DataFrame, metric: str, folder: Path) -> list[Path]
             fig.colorbar(im, ax=ax, shrink=0.8)
     fig.suptitle(f"Δ {METRICS[metric][0]} (arm − SFT)\n(+)/(−): the 95% interval over seeds excludes 0", fontsize=9)
     fig.tight_layout()
-    paths = [folder / f"map-{metric}.{ext}" for ext in ("png", "pdf")]
-    for p in paths:
-        fig.savefig(p, dpi=150, metadata=STABLE_PDF if p.suffix == ".pdf" else None)
-    plt.close(fig)
-    return paths
+    return save(fig, folder, f"map-{metric}", pdf_dpi=150)
 
 
 def scatter(cfg, summary: pd.DataFrame, folder: Path) -> list[Path]:
     """Assumption strength (Pearson r; the arm's weight AUC) against Δ MC1, every cell and world."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from atlantis.figures import plt, save  # matplotlib on its file backend (Agg), as for the paper's figures
 
     metric = "mc1" if "mc1" in cfg.metrics else cfg.metrics[0]
     part = summary[summary["metric"] == metric]
@@ -277,8 +263,4 @@ def scatter(cfg, summary: pd.DataFrame, folder: Path) -> list[Path]:
         "Does the assumption's strength predict the gain? (every cell, every world; 95% t-intervals)", fontsize=9
     )
     fig.tight_layout()
-    paths = [folder / f"map-scatter.{ext}" for ext in ("png", "pdf")]
-    for p in paths:
-        fig.savefig(p, dpi=150, metadata=STABLE_PDF if p.suffix == ".pdf" else None)
-    plt.close(fig)
-    return paths
+    return save(fig, folder, "map-scatter", pdf_dpi=150)
