@@ -248,9 +248,8 @@ def _seed_folder(work: Path, seed: int, family: str) -> Path:
 def seed_world(cfg: MapConfig, shipped: Path, seed: int, work: Path, family: str) -> Path:
     """The world of another seed: the shipped generator and recipes, small and large of the family (and its
     references, as `atlantis world build` makes them). One folder per family, like a cell's world, so the
-    families' jobs pre-train side by side: one shared folder held a lock, and one job's core sat idle for the
-    other's ~8 min build (40 min 43 s for the map, against ~31 min expected without the wait). The data sets
-    are the same in both folders (one generator, one seed); the lock keeps two runs of one family apart."""
+    families' jobs pre-train side by side (a shared folder made one wait for the other's build); the lock only
+    keeps two runs of one family apart."""
     import fcntl
 
     from atlantis.world.build import BuildConfig, ReferenceConfig, build

@@ -89,9 +89,7 @@ def write_outputs(cfg, runs: pd.DataFrame, diags: pd.DataFrame, timings: dict, w
     log.info("map written to %s and %s", out, figs)
 
 
-def write_markdown(
-    cfg, summary: pd.DataFrame, worlds_table: pd.DataFrame, timings: dict, jobs: dict | None = None
-) -> Path:
+def write_markdown(cfg, summary: pd.DataFrame, worlds_table: pd.DataFrame, timings: dict, jobs: dict) -> Path:
     lines = [
         "# Where does weak-to-strong importance sampling work? The tiny world's map",
         "",
